@@ -1,0 +1,111 @@
+"""Command-line entry points.
+
+    python -m neu_det_pipeline.<step> --config PATH [key=value ...]
+    neu-det run-all --config PATH [key=value ...]
+    neu-det tiny-models DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from rich.table import Table
+
+from neu_det_pipeline.config import PipelineConfig, load_config
+from neu_det_pipeline.errors import PipelineError
+from neu_det_pipeline.recipe import Step, console, new_progress, run_step, step_output_dir
+
+STEP_MODULES = ("step0_prepare",)
+"""Pipeline steps in run order; each module defines `STEP`."""
+
+
+def load_step(name: str) -> Step:
+    return importlib.import_module(f"neu_det_pipeline.{name}").STEP
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn expected failures into one line and an exit code instead of a traceback."""
+    try:
+        yield
+    except PipelineError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted:[/] re-run the same command to continue where it stopped")
+        sys.exit(130)
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--config", required=True, type=Path, help="YAML config (configs/base.yaml, configs/smoke.yaml, ...)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. run.seed=1")
+    return parser
+
+
+def setup(args: argparse.Namespace) -> PipelineConfig:
+    config = load_config(args.config, args.overrides)
+    if config.run.tiny_models_dir is not None:
+        from neu_det_pipeline.testing.tiny_models import build_tiny_models
+
+        build_tiny_models(config.run.tiny_models_dir)
+    return config
+
+
+def step_main(step_name: str, argv: list[str] | None = None) -> None:
+    """`python -m neu_det_pipeline.<step>`: run one step."""
+    step = load_step(step_name)
+    parser = argparse.ArgumentParser(prog=f"python -m neu_det_pipeline.{step.name}", description=step.title)
+    args = _add_config_arguments(parser).parse_args(argv)
+    with user_errors():
+        run_step(step, setup(args))
+
+
+def run_all(config: PipelineConfig) -> list[dict]:
+    """Run every step in order in one progress display, then print one summary table."""
+    summaries = []
+    started = time.perf_counter()
+    with new_progress() as progress:
+        overall = progress.add_task("pipeline", total=len(STEP_MODULES))
+        for name in STEP_MODULES:
+            progress.update(overall, description=f"pipeline: {name}")
+            summaries.append(run_step(load_step(name), config, progress))
+            progress.advance(overall)
+    table = Table(title="neu-det run-all", title_justify="left")
+    for column in ("step", "status", "wall time (s)", "outputs"):
+        table.add_column(column)
+    for summary in summaries:
+        status = "up to date" if summary.get("up_to_date") else summary["status"]
+        out_dir = step_output_dir(config, summary["step"])
+        table.add_row(summary["step"], status, f"{summary['wall_time_s']:.1f}", f"{out_dir}/summary.json")
+    console.print(table)
+    console.print(f"all outputs in [bold]{config.run.output_dir}[/] ({time.perf_counter() - started:.1f} s)")
+    return summaries
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="neu-det", description="NEU-DET diffusion augmentation pipeline")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_config_arguments(commands.add_parser("run-all", help="run every step in order"))
+    tiny = commands.add_parser("tiny-models", help="build tiny random models in hub layout (offline tests)")
+    tiny.add_argument("dir", type=Path)
+    tiny.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    with user_errors():
+        if args.command == "tiny-models":
+            from neu_det_pipeline.testing.tiny_models import build_tiny_models
+
+            for name, path in build_tiny_models(args.dir, seed=args.seed).items():
+                console.print(f"{name:28s} {path}")
+        else:
+            run_all(setup(args))
+
+
+if __name__ == "__main__":
+    main()

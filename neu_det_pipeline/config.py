@@ -1,0 +1,468 @@
+"""Typed, layered pipeline configuration.
+
+A config is a YAML file validated against :class:`PipelineConfig`. A file may start with
+``extends: other.yaml`` (a path relative to itself, or a list of them) and then holds only
+its differences; command-line overrides ``key.sub=value`` are applied last. Unknown keys and
+wrong types fail with one line naming the key, the file it came from and the allowed values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from neu_det_pipeline.errors import ConfigError
+
+NEU_DET_CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
+
+COMMAND_LINE = "the command line"
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are rejected, field docstrings become descriptions."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+class RunConfig(Section):
+    output_dir: Path = Path("outputs/baseline")
+    """Root of all outputs; each step writes into `<output_dir>/<step name>/`."""
+    seed: int = 0
+    """Global seed for splits, training and generation; recorded in every summary."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device for inference steps: `auto` takes CUDA when available."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
+    """Mixed precision for training and inference on GPU (forced to `no` on CPU)."""
+    tiny_models_dir: Path | None = None
+    """If set, tiny random models are built here (once) before any step runs; for offline smoke runs."""
+
+
+class SplitConfig(Section):
+    train: float = 0.70
+    """Fraction of each class's images in the training split."""
+    val: float = 0.15
+    """Fraction of each class's images in the validation split."""
+    test: float = 0.15
+    """Fraction of each class's images in the test split."""
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> SplitConfig:
+        fractions = (self.train, self.val, self.test)
+        if any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+            raise ValueError(f"split fractions must be >= 0 and sum to 1, got {fractions}")
+        return self
+
+
+class DataConfig(Section):
+    root: Path = Path("data/neu-det-sample")
+    """NEU-DET folder in the original (`IMAGES/`, `ANNOTATIONS/`) or the Kaggle layout."""
+    layout: Literal["auto", "original", "kaggle"] = "auto"
+    """Dataset layout; `auto` detects it from the folder structure."""
+    classes: list[str] = Field(default_factory=lambda: list(NEU_DET_CLASSES))
+    """Defect class names, in YOLO label order."""
+    strict: bool = False
+    """Fail on the first bad file instead of skipping it and reporting it."""
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    """Stratified train/val/test split by image class."""
+
+    @field_validator("classes")
+    @classmethod
+    def _unique_classes(cls, classes: list[str]) -> list[str]:
+        if not classes or len(set(classes)) != len(classes):
+            raise ValueError("classes must be a non-empty list of unique names")
+        return classes
+
+
+class PrepareConfig(Section):
+    resolution: int = Field(512, ge=32)
+    """Side of the square training copies made for diffusion (PIL bicubic, 3 identical channels)."""
+    yolo_export: bool = True
+    """Export the real splits in YOLO format with a `data.yaml` ultralytics accepts."""
+    contact_sheet_samples: int = Field(6, ge=1)
+    """Samples per class (one row each) in the contact sheet."""
+    workers: int = Field(0, ge=0)
+    """Worker processes for per-image work; 0 uses every available core."""
+
+
+class ControlNetIds(Section):
+    softedge: str | None = None
+    """ControlNet conditioned on soft edges (HED / PiDiNet)."""
+    depth: str | None = None
+    """ControlNet conditioned on depth maps."""
+    normal: str | None = None
+    """ControlNet conditioned on surface normals (NormalBae); null where none exists."""
+
+
+class ModelsConfig(Section):
+    pipeline: Literal["sd15", "sdxl"] = "sd15"
+    """Base diffusion family used by steps 1-4."""
+    sd15: str = "runwayml/stable-diffusion-v1-5"
+    """Stable Diffusion 1.5 pipeline (hub id or local folder in hub layout)."""
+    sdxl: str = "stabilityai/stable-diffusion-xl-base-1.0"
+    """SDXL base pipeline (hub id or local folder)."""
+    controlnet_sd15: ControlNetIds = Field(
+        default_factory=lambda: ControlNetIds(
+            softedge="lllyasviel/control_v11p_sd15_softedge",
+            depth="lllyasviel/control_v11f1p_sd15_depth",
+            normal="lllyasviel/control_v11p_sd15_normalbae",
+        )
+    )
+    """SD 1.5 ControlNet v1.1 checkpoints."""
+    controlnet_sdxl: ControlNetIds = Field(
+        default_factory=lambda: ControlNetIds(
+            softedge="SargeZT/controlnet-sd-xl-1.0-softedge-dexined",
+            depth="diffusers/controlnet-depth-sdxl-1.0",
+        )
+    )
+    """SDXL ControlNet checkpoints (no public SDXL normal ControlNet: normal is skipped)."""
+    clip: str = "openai/clip-vit-large-patch14"
+    """CLIP model for keyword ranking and CLIP score (ViT-L/14; `-336` also works)."""
+    open_clip: str = "hf-hub:laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    """OpenCLIP model for ranking ensembles (`hf-hub:org/repo` or `local-dir:path`)."""
+    blip2: str = "Salesforce/blip2-opt-2.7b"
+    """BLIP-2 captioning model."""
+    dinov3: str = "facebook/dinov3-vits16-pretrain-lvd1689m"
+    """DINOv3 backbone of the downstream multitask classifier."""
+    depth: str = "depth-anything/Depth-Anything-V2-Small-hf"
+    """Depth estimator for depth control maps."""
+    annotators: str = "lllyasviel/Annotators"
+    """controlnet_aux annotator weights (HED, NormalBae)."""
+    yolo: str = "yolov8n.pt"
+    """Ultralytics detector weights or model YAML for the downstream detection test."""
+
+
+class TextualInversionConfig(Section):
+    placeholder_format: str = "<neu-{cls}>"
+    """Placeholder token per class; `{cls}` is replaced by the class name."""
+    initializer_words: dict[str, str] = Field(
+        default_factory=lambda: {
+            "crazing": "cracks",
+            "inclusion": "spots",
+            "patches": "stains",
+            "pitted_surface": "pits",
+            "rolled-in_scale": "scale",
+            "scratches": "scratches",
+        }
+    )
+    """Word whose embedding initialises each class token (multi-token words are averaged)."""
+    templates: list[str] = Field(
+        default_factory=lambda: [
+            "a grayscale photo of {token} on a steel strip",
+            "a close-up photo of {token} defects on hot-rolled steel",
+            "an industrial inspection image of {token}",
+            "a macro photo of a steel surface with {token}",
+        ]
+    )
+    """Training prompt templates; `{token}` is replaced by the class token."""
+    resolution: int = Field(512, ge=32)
+    """Training resolution (Step 0 copies are resized if needed)."""
+    train_batch_size: int = Field(4, ge=1)
+    """Images per device per step."""
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    """Micro-batches accumulated per optimizer step."""
+    max_train_steps: int = Field(3000, ge=1)
+    """Optimizer steps."""
+    learning_rate: float = Field(5e-4, gt=0)
+    """Learning rate of the token embeddings."""
+    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine_with_warmup"] = "constant_with_warmup"
+    """Learning-rate schedule."""
+    lr_warmup_steps: int = Field(100, ge=0)
+    """Warm-up steps of the schedule."""
+    checkpointing_steps: int = Field(500, ge=1)
+    """Save a resumable checkpoint every N steps."""
+    checkpoints_total_limit: int = Field(2, ge=1)
+    """Checkpoints kept; older ones are deleted."""
+    validation_steps: int = Field(500, ge=1)
+    """Render a validation grid every N steps (and at the end)."""
+    num_validation_images: int = Field(2, ge=1)
+    """Images per token in each validation grid."""
+    validation_inference_steps: int = Field(25, ge=1)
+    """Denoising steps for validation images."""
+    resume: str | None = None
+    """`latest` (or a checkpoint folder name) to continue an interrupted run."""
+
+
+class CaptionsConfig(Section):
+    prompt_style: Literal["plain", "keywords", "blip2"] = "plain"
+    """Final prompt: `plain` template+token, `keywords` adds top-k CLIP keywords, `blip2` adds a BLIP-2 caption."""
+    template: str = "a grayscale photo of {token} on a steel strip"
+    """Base prompt template; `{token}` is the class token from Step 1."""
+    general_keywords: list[str] = Field(
+        default_factory=lambda: [
+            "hot-rolled steel strip",
+            "metal surface",
+            "industrial inspection",
+            "grayscale",
+            "surface texture",
+            "macro photography",
+        ]
+    )
+    """General steel-surface keywords (the seed plan's paper keywords)."""
+    class_keywords: dict[str, list[str]] = Field(
+        default_factory=lambda: {
+            "crazing": ["fine cracks", "crack network", "crazed surface"],
+            "inclusion": ["dark inclusions", "embedded particles", "elongated spots"],
+            "patches": ["irregular patches", "stains", "discoloured areas"],
+            "pitted_surface": ["pits", "pitted texture", "small craters"],
+            "rolled-in_scale": ["rolled-in scale", "scale flakes", "oxide scale"],
+            "scratches": ["scratches", "long thin lines", "scratch marks"],
+        }
+    )
+    """Defect-specific keywords per class."""
+    prompt_variants: list[str] = Field(
+        default_factory=lambda: [
+            "{prompt}",
+            "{prompt}, macro photography",
+            "{prompt}, industrial inspection, surface texture",
+        ]
+    )
+    """Prompt variants ranked per image; `{prompt}` is the prompt being varied."""
+    top_k: int = Field(3, ge=1)
+    """Keywords kept per image."""
+    ranking_backends: list[Literal["clip", "open_clip"]] = Field(default_factory=lambda: ["clip"])
+    """Models that score keywords; with several, normalised scores are averaged (ensemble)."""
+    batch_size: int = Field(16, ge=1)
+    """Images per model forward pass."""
+    blip2_max_new_tokens: int = Field(30, ge=1)
+    """Length limit of BLIP-2 captions."""
+
+
+class LoraConfigSection(Section):
+    rank: int = 16
+    """LoRA rank r."""
+    alpha: int = 16
+    """LoRA alpha (scaling = alpha / rank)."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """LoRA dropout."""
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """UNet attention projections that get adapters."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA)."""
+    train_text_encoder: bool = False
+    """Also put LoRA on the text encoder(s)."""
+    text_encoder_target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    """Text-encoder projections that get adapters when `train_text_encoder` is on."""
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    """`adamw8bit` uses bitsandbytes AdamW8bit with 8-bit state for every LoRA tensor."""
+    learning_rate: float = Field(1e-4, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = Field(1e-2, ge=0)
+    """AdamW weight decay."""
+    lr_scheduler: Literal["constant_with_warmup", "cosine_with_warmup", "onecycle"] = "constant_with_warmup"
+    """Learning-rate schedule."""
+    lr_warmup_steps: int = Field(100, ge=0)
+    """Warm-up steps."""
+    resolution: int = Field(512, ge=32)
+    """Training resolution."""
+    train_batch_size: int = Field(4, ge=1)
+    """Images per device per step."""
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    """Micro-batches accumulated per optimizer step."""
+    gradient_checkpointing: bool = False
+    """Trade compute for memory in the UNet."""
+    max_train_steps: int = Field(2000, ge=1)
+    """Optimizer steps."""
+    snr_gamma: float | None = None
+    """Min-SNR loss weighting gamma (5.0 is typical); null disables it."""
+    noise_offset: float = Field(0.0, ge=0)
+    """Noise offset added to the training noise."""
+    hflip: bool = True
+    """Random horizontal flips."""
+    vflip: bool = True
+    """Random vertical flips."""
+    rot90: bool = True
+    """Random 90-degree rotations (textures have no up direction)."""
+    checkpointing_steps: int = Field(500, ge=1)
+    """Save a resumable checkpoint every N steps."""
+    checkpoints_total_limit: int = Field(2, ge=1)
+    """Checkpoints kept."""
+    validation_steps: int = Field(500, ge=1)
+    """Render validation images every N steps (and at the end)."""
+    num_validation_images: int = Field(1, ge=1)
+    """Validation images per class."""
+    validation_inference_steps: int = Field(25, ge=1)
+    """Denoising steps for validation images."""
+    resume: str | None = None
+    """`latest` (or a checkpoint folder name) to continue an interrupted run."""
+
+
+class GenerationConfig(Section):
+    scheduler: Literal["ddim", "unipc", "dpmsolver++", "euler_a"] = "ddim"
+    """Sampler used by ControlNet generation."""
+    num_inference_steps: int = Field(30, ge=1)
+    """Denoising steps per image."""
+    guidance_scale: float = Field(7.5, ge=1.0)
+    """Classifier-free guidance scale."""
+    per_class_guidance: dict[str, float] = Field(default_factory=dict)
+    """Class-specific guidance scales that override `guidance_scale`."""
+    guidance_rescale: float = Field(0.0, ge=0.0, le=1.0)
+    """CFG rescale factor phi (0 disables it)."""
+    controls: list[Literal["softedge", "depth", "normal"]] = Field(default_factory=lambda: ["softedge"])
+    """Control signals extracted from each source image."""
+    conditioning_scales: dict[str, float] = Field(default_factory=lambda: {"softedge": 1.0, "depth": 0.5, "normal": 0.5})
+    """ControlNet conditioning scale per control."""
+    images_per_source: int = Field(2, ge=1)
+    """Synthetic images made from each real training image."""
+    resolution: int = Field(512, ge=32)
+    """Generation resolution (boxes are rescaled back to the source size)."""
+
+
+class PipelineConfig(Section):
+    """The whole pipeline's configuration: one section per concern."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    """Output folder, seed, device, precision."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    """Where NEU-DET lives and how it is split."""
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    """Hub ids (or local folders) of every model."""
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    """Step 0: validation, masks, resized copies, YOLO export."""
+    textual_inversion: TextualInversionConfig = Field(default_factory=TextualInversionConfig)
+    """Step 1: one learned token per defect class."""
+    captions: CaptionsConfig = Field(default_factory=CaptionsConfig)
+    """Step 2: keyword ranking, BLIP-2 captions, prompts."""
+    lora: LoraConfigSection = Field(default_factory=LoraConfigSection)
+    """Step 3: LoRA / DoRA fine-tuning."""
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    """Step 4: ControlNet generation."""
+
+    def section(self, dotted: str) -> Any:
+        """The value at a dotted key such as `data.split`."""
+        value: Any = self
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        return value
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found; pass an existing YAML file with --config") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path}{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, not a {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any], origins: dict[str, str], source: str, prefix: str = "") -> None:
+    """Deep-merge `update` into `base` (lists are replaced), remembering where each key came from."""
+    for key, value in update.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value, origins, source, f"{dotted}.")
+        else:
+            base[key] = value
+        origins[dotted] = source
+
+
+def _load_layers(path: Path, origins: dict[str, str], seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config file {path} extends itself through {' -> '.join(map(str, seen))}")
+    data = _read_yaml(path)
+    parents = data.pop("extends", None) or []
+    if isinstance(parents, str):
+        parents = [parents]
+    merged: dict[str, Any] = {}
+    for parent in parents:
+        _merge(merged, _load_layers(path.parent / parent, origins, (*seen, path)), {}, "")
+    _merge(merged, data, origins, str(path))
+    return merged
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value) with value parsed as YAML (`3`, `true`, `[a, b]`, `null`)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{text}' on {COMMAND_LINE} must look like key.subkey=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _apply_override(data: dict[str, Any], key: str, value: Any, origins: dict[str, str]) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{key}' on {COMMAND_LINE}: '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+    origins[key] = COMMAND_LINE
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: Any = PipelineConfig
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            break
+        model = field.annotation
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return []
+
+
+def _explain(error: dict[str, Any], origins: dict[str, str]) -> str:
+    loc = tuple(p for p in error["loc"] if not isinstance(p, int)) or ("<root>",)
+    key = ".".join(str(p) for p in error["loc"])
+    source = "the defaults"
+    for i in range(len(loc), 0, -1):
+        found = origins.get(".".join(str(p) for p in loc[:i]))
+        if found:
+            source = found
+            break
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        parent = ".".join(str(p) for p in loc[:-1]) or "the top level"
+        allowed = ", ".join(_allowed_keys(loc[:-1]))
+        return f"unknown config key '{key}' in {source}; allowed keys under {parent}: {allowed}"
+    got = error.get("input")
+    if kind in ("literal_error", "enum"):
+        return f"invalid value {got!r} for '{key}' in {source}; allowed values: {error['ctx']['expected']}"
+    return f"invalid value {got!r} for '{key}' in {source}: {error['msg']}"
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Load a config file (following `extends:`), apply `key=value` overrides and validate."""
+    origins: dict[str, str] = {}
+    data = _load_layers(Path(path), origins)
+    for text in overrides:
+        _apply_override(data, *parse_override(text), origins)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc.errors()[0], origins)) from None
+
+
+def config_hash(payload: Any) -> str:
+    """Short stable hash of any JSON-able payload (configs, fingerprints)."""
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def dump_config(config: PipelineConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,1 @@
+"""NEU-DET data: reading, validation, splits and derived files."""

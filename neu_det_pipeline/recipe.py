@@ -1,0 +1,188 @@
+"""The shape every step shares: setup, run, save.
+
+A step is a :class:`Step`: a name, the config keys its outputs depend on, the steps whose outputs
+it reads, and a ``run(ctx)`` function. :func:`run_step` does the rest the same way for every step:
+it checks prerequisites, decides whether the outputs are up to date (a fingerprint of the config
+keys, the upstream fingerprints and the step's input files), clears stale outputs, saves the resolved
+config, shows progress and writes ``summary.json`` last, so a step without one never finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from neu_det_pipeline.config import PipelineConfig, config_hash, dump_config
+from neu_det_pipeline.errors import MissingStepOutputError
+from neu_det_pipeline.io import atomic_write_text, read_json, write_json
+
+T = TypeVar("T")
+
+SUMMARY_FILE = "summary.json"
+STATE_FILE = "state.json"
+CONFIG_FILE = "config.yaml"
+
+console = Console(stderr=True)
+if not console.is_terminal:
+    console.width = 120  # logs and CI: rich's 80-column fallback truncates the tables
+
+
+def new_progress() -> Progress:
+    return Progress(
+        TextColumn("[bold blue]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+@dataclass
+class StepContext:
+    """What a step's `run` receives: its config, its output folder and shared helpers."""
+
+    step: Step
+    config: PipelineConfig
+    out_dir: Path
+    fingerprint: str
+    progress: Progress
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+
+    def upstream_dir(self, step_name: str) -> Path:
+        return step_output_dir(self.config, step_name)
+
+    def track(self, items: Iterable[T], total: int | None = None, description: str = "") -> Iterator[T]:
+        """Iterate with a progress bar in the shared display."""
+        task = self.progress.add_task(description or self.step.name, total=total)
+        for item in items:
+            yield item
+            self.progress.advance(task)
+        self.progress.update(task, visible=False)
+
+    def skip(self, item: str, reason: str) -> None:
+        """Record work that was skipped and why; it lands in summary.json."""
+        self.skipped.append({"item": item, "reason": reason})
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    """Module name, also the output folder name (e.g. `step0_prepare`)."""
+    title: str
+    """One line shown to users."""
+    run: Callable[[StepContext], dict[str, Any]]
+    """Does the work, writes outputs under `ctx.out_dir`, returns the summary fields."""
+    config_keys: tuple[str, ...]
+    """Dotted config keys the outputs depend on; a change re-does the step."""
+    requires: tuple[str, ...] = ()
+    """Steps whose outputs this step reads."""
+    input_fingerprint: Callable[[PipelineConfig], Any] | None = None
+    """Cheap fingerprint of input files outside the run folder (e.g. the dataset listing)."""
+    training: bool = False
+    """Launched with `accelerate launch` on a GPU node."""
+
+
+def step_output_dir(config: PipelineConfig, step_name: str) -> Path:
+    return Path(config.run.output_dir) / step_name
+
+
+def read_summary(out_dir: Path) -> dict[str, Any] | None:
+    path = out_dir / SUMMARY_FILE
+    return read_json(path) if path.is_file() else None
+
+
+def step_fingerprint(step: Step, config: PipelineConfig) -> str:
+    upstream = {}
+    for name in step.requires:
+        summary = read_summary(step_output_dir(config, name))
+        if summary is None or summary.get("status") != "complete":
+            raise MissingStepOutputError(
+                f"{step.name} needs the outputs of {name} in {step_output_dir(config, name)}; run "
+                f"`python -m neu_det_pipeline.{name} --config <same config>` (or `neu-det run-all`) first"
+            )
+        upstream[name] = summary["fingerprint"]
+    payload = {
+        "step": step.name,
+        "config": {key: _jsonable(config.section(key)) for key in step.config_keys},
+        "upstream": upstream,
+        "inputs": step.input_fingerprint(config) if step.input_fingerprint else None,
+    }
+    return config_hash(payload)
+
+
+def _jsonable(value: Any) -> Any:
+    return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+
+
+def _prepare_out_dir(step: Step, out_dir: Path, fingerprint: str) -> bool:
+    """Make `out_dir` ready for this fingerprint; True when an interrupted run is being continued."""
+    state_path = out_dir / STATE_FILE
+    previous = read_json(state_path).get("fingerprint") if state_path.is_file() else None
+    if previous == fingerprint:
+        return True
+    if out_dir.exists():
+        # Outputs from another config (or of unknown origin) must not mix with the new ones.
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    return False
+
+
+def run_step(step: Step, config: PipelineConfig, progress: Progress | None = None) -> dict[str, Any]:
+    """Run `step` unless its outputs are up to date; returns its summary."""
+    out_dir = step_output_dir(config, step.name)
+    fingerprint = step_fingerprint(step, config)
+    summary = read_summary(out_dir)
+    if summary and summary.get("status") == "complete" and summary.get("fingerprint") == fingerprint:
+        console.print(f"[green]✓[/] {step.name}: up to date in {out_dir} (nothing to do)")
+        return {**summary, "up_to_date": True}
+
+    resumed = _prepare_out_dir(step, out_dir, fingerprint)
+    (out_dir / SUMMARY_FILE).unlink(missing_ok=True)
+    resolved = dump_config(config)
+    atomic_write_text(out_dir / CONFIG_FILE, resolved)
+    full_hash = config_hash(config.to_dict())
+    write_json(out_dir / STATE_FILE, {"fingerprint": fingerprint, "config_hash": full_hash})
+
+    console.rule(f"[bold]{step.name}[/]: {step.title}" + (" (continuing an interrupted run)" if resumed else ""))
+    started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        if progress is None:
+            progress = stack.enter_context(new_progress())
+        ctx = StepContext(step=step, config=config, out_dir=out_dir, fingerprint=fingerprint, progress=progress)
+        result = step.run(ctx)
+    summary = {
+        "step": step.name,
+        "status": "complete",
+        "fingerprint": fingerprint,
+        "config_hash": full_hash,
+        "seed": config.run.seed,
+        "resumed": resumed,
+        "wall_time_s": round(time.perf_counter() - started, 3),
+        "skipped": ctx.skipped,
+        **result,
+    }
+    write_json(out_dir / SUMMARY_FILE, summary)
+    print_summary(summary, out_dir)
+    return summary
+
+
+def print_summary(summary: dict[str, Any], out_dir: Path) -> None:
+    table = Table(title=f"{summary['step']} summary", show_header=False, title_justify="left")
+    for key, value in summary.items():
+        if key in ("step", "skipped") or isinstance(value, (dict, list)):
+            continue
+        table.add_row(key, str(value))
+    table.add_row("skipped", str(len(summary.get("skipped", []))))
+    table.add_row("outputs", str(out_dir))
+    console.print(table)
