@@ -186,6 +186,17 @@ class TextualInversionConfig(Section):
     resume: str | None = None
     """`latest` (or a checkpoint folder name) to continue an interrupted run."""
 
+    @field_validator("placeholder_format")
+    @classmethod
+    def _has_class_slot(cls, value: str) -> str:
+        if "{cls}" not in value:
+            raise ValueError("placeholder_format must contain {cls}, e.g. <neu-{cls}>")
+        return value
+
+    def tokens(self, classes: list[str]) -> dict[str, str]:
+        """Class name -> placeholder token, e.g. `crazing` -> `<neu-crazing>`."""
+        return {name: self.placeholder_format.format(cls=name) for name in classes}
+
 
 class CaptionsConfig(Section):
     prompt_style: Literal["plain", "keywords", "blip2"] = "plain"

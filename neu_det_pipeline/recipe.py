@@ -10,6 +10,7 @@ config, shows progress and writes ``summary.json`` last, so a step without one n
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -36,7 +37,7 @@ if not console.is_terminal:
     console.width = 120  # logs and CI: rich's 80-column fallback truncates the tables
 
 
-def new_progress() -> Progress:
+def new_progress(disable: bool = False) -> Progress:
     return Progress(
         TextColumn("[bold blue]{task.description}"),
         BarColumn(),
@@ -44,7 +45,7 @@ def new_progress() -> Progress:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
-        transient=False,
+        disable=disable,
     )
 
 
@@ -138,6 +139,11 @@ def _prepare_out_dir(step: Step, out_dir: Path, fingerprint: str) -> bool:
     return False
 
 
+def is_main_process() -> bool:
+    """False on the extra ranks of `accelerate launch` / `torchrun`, which must not touch shared files."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def run_step(step: Step, config: PipelineConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Run `step` unless its outputs are up to date; returns its summary."""
     out_dir = step_output_dir(config, step.name)
@@ -146,6 +152,10 @@ def run_step(step: Step, config: PipelineConfig, progress: Progress | None = Non
     if summary and summary.get("status") == "complete" and summary.get("fingerprint") == fingerprint:
         console.print(f"[green]✓[/] {step.name}: up to date in {out_dir} (nothing to do)")
         return {**summary, "up_to_date": True}
+    if not is_main_process():
+        # Rank 0 prepares the folder before the process group forms; the others only compute.
+        quiet = new_progress(disable=True)
+        return step.run(StepContext(step=step, config=config, out_dir=out_dir, fingerprint=fingerprint, progress=quiet))
 
     resumed = _prepare_out_dir(step, out_dir, fingerprint)
     (out_dir / SUMMARY_FILE).unlink(missing_ok=True)

@@ -1,0 +1,153 @@
+"""Stable Diffusion 1.5 / SDXL components for training: loading, prompt encoding, the denoising loss.
+
+Both families are handled by one code path: SDXL simply has two tokenizer/text-encoder pairs, uses the
+penultimate hidden states of both (concatenated) plus the pooled projection and size/crop time ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+    UniPCMultistepScheduler,
+)
+from diffusers.training_utils import compute_snr
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from neu_det_pipeline.config import PipelineConfig
+from neu_det_pipeline.models import load_pretrained
+
+
+@dataclass
+class DiffusionComponents:
+    family: str
+    """`sd15` or `sdxl`."""
+    model_id: str
+    tokenizers: list[CLIPTokenizer]
+    text_encoders: list[torch.nn.Module]
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    def freeze(self) -> None:
+        """Freeze every weight; each step then unfreezes exactly what it trains."""
+        for module in (self.vae, self.unet, *self.text_encoders):
+            module.requires_grad_(False)
+
+
+def base_model(config: PipelineConfig) -> tuple[str, str]:
+    """(config key, model id) of the diffusion base model chosen by `models.pipeline`."""
+    family = config.models.pipeline
+    return f"models.{family}", getattr(config.models, family)
+
+
+def load_components(config: PipelineConfig) -> DiffusionComponents:
+    key, model_id = base_model(config)
+    sdxl = config.models.pipeline == "sdxl"
+
+    def load(cls, subfolder):
+        return load_pretrained(key, model_id, lambda m: cls.from_pretrained(m, subfolder=subfolder))
+
+    tokenizers = [load(CLIPTokenizer, "tokenizer")]
+    text_encoders = [load(CLIPTextModel, "text_encoder")]
+    if sdxl:
+        tokenizers.append(load(CLIPTokenizer, "tokenizer_2"))
+        text_encoders.append(load(CLIPTextModelWithProjection, "text_encoder_2"))
+    components = DiffusionComponents(
+        family=config.models.pipeline,
+        model_id=model_id,
+        tokenizers=tokenizers,
+        text_encoders=text_encoders,
+        vae=load(AutoencoderKL, "vae"),
+        unet=load(UNet2DConditionModel, "unet"),
+        # The training schedule comes from the model's own scheduler config (betas, prediction type).
+        noise_scheduler=load(DDPMScheduler, "scheduler"),
+    )
+    components.freeze()
+    return components
+
+
+def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def encode_prompts(
+    components: DiffusionComponents, prompts: list[str], resolution: int, device: torch.device
+) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """Text conditioning for the UNet: (encoder_hidden_states, added_cond_kwargs or None for SD 1.5)."""
+    if components.family == "sd15":
+        ids = tokenize(components.tokenizers[0], prompts).to(device)
+        return components.text_encoders[0](ids)[0], None
+    hidden_states, pooled = [], None
+    for tokenizer, encoder in zip(components.tokenizers, components.text_encoders):
+        output = encoder(tokenize(tokenizer, prompts).to(device), output_hidden_states=True)
+        hidden_states.append(output.hidden_states[-2])
+        pooled = output[0]  # the last encoder (with projection) gives the pooled text embedding
+    # Original size, crop top-left, target size: square training images, no crop.
+    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=device)
+    added = {"text_embeds": pooled, "time_ids": time_ids.repeat(len(prompts), 1).to(pooled.dtype)}
+    return torch.cat(hidden_states, dim=-1), added
+
+
+def denoising_loss(
+    components: DiffusionComponents,
+    pixel_values: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    added_cond_kwargs: dict[str, torch.Tensor] | None,
+    noise_offset: float = 0.0,
+    snr_gamma: float | None = None,
+) -> torch.Tensor:
+    """The standard latent-diffusion training loss (epsilon or v target), with optional noise offset and Min-SNR."""
+    vae, scheduler = components.vae, components.noise_scheduler
+    with torch.no_grad():
+        latents = vae.encode(pixel_values.to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
+    noise = torch.randn_like(latents)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+    if components.prediction_type == "epsilon":
+        target = noise
+    elif components.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"unsupported prediction type {components.prediction_type!r}")
+    prediction = components.unet(
+        noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs
+    ).sample.float()
+    if snr_gamma is None:
+        return F.mse_loss(prediction, target.float())
+    # Min-SNR weighting (Hang et al. 2023), as in the diffusers training examples.
+    snr = compute_snr(scheduler, timesteps)
+    weights = torch.clamp(snr, max=snr_gamma) / (snr + 1 if components.prediction_type == "v_prediction" else snr)
+    loss = F.mse_loss(prediction, target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (loss * weights).mean()
+
+
+def inference_pipeline(components: DiffusionComponents) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """A text-to-image pipeline around the components being trained, for validation images."""
+    scheduler = UniPCMultistepScheduler.from_config(components.noise_scheduler.config)
+    if components.family == "sd15":
+        return StableDiffusionPipeline(
+            vae=components.vae, text_encoder=components.text_encoders[0], tokenizer=components.tokenizers[0],
+            unet=components.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    return StableDiffusionXLPipeline(
+        vae=components.vae, text_encoder=components.text_encoders[0], text_encoder_2=components.text_encoders[1],
+        tokenizer=components.tokenizers[0], tokenizer_2=components.tokenizers[1], unet=components.unet,
+        scheduler=scheduler,
+    )
