@@ -30,7 +30,7 @@ class Section(BaseModel):
 
 
 class RunConfig(Section):
-    output_dir: Path = Path("outputs/baseline")
+    output_dir: Path = Path("outputs/base")
     """Root of all outputs; each step writes into `<output_dir>/<step name>/`."""
     seed: int = 0
     """Global seed for splits, training and generation; recorded in every summary."""

@@ -196,8 +196,9 @@ def load_sample(pair: Pair, classes: list[str], root: Path) -> tuple[Sample | No
         return skip(pair.annotation_path, f"<filename> '{filename}' points outside the image folder")
     try:
         width, height = _read_image_size(pair.image_path)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-        return skip(pair.image_path, f"corrupt or truncated image ({exc})")
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, ImportError) as exc:
+        # ImportError: once ultralytics is imported it patches Image.open to load pi-heif for unknown files.
+        return skip(pair.image_path, f"corrupt or truncated image ({type(exc).__name__})")
 
     objects = tree.findall("object")
     if not objects:

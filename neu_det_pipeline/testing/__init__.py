@@ -1,0 +1,1 @@
+"""Offline test harness: tiny random models in Hugging Face layout and the tokenizer fixtures they use."""

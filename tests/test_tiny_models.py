@@ -1,0 +1,297 @@
+"""The offline tiny-model harness: every model builds, reloads through the real loading API and runs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from diffusers import (
+    ControlNetModel,
+    DiffusionPipeline,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLPipeline,
+    UniPCMultistepScheduler,
+)
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import (
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForDepthEstimation,
+    AutoTokenizer,
+    Blip2ForConditionalGeneration,
+    Blip2Processor,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTokenizer,
+    DINOv3ViTBackbone,
+    pipeline,
+)
+
+from neu_det_pipeline.testing import tiny_models
+from neu_det_pipeline.testing.make_tokenizer_assets import (
+    ASSETS_DIR,
+    CLIP_TOKENIZER,
+    GPT2_TOKENIZER,
+    write_tokenizer_assets,
+)
+from neu_det_pipeline.testing.tiny_models import TINY_MODEL_NAMES, build_tiny_models
+
+PROMPT = "a grayscale photo of scratches on a hot-rolled steel strip surface"
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models_dir: Path) -> dict[str, Path]:
+    return {name: tiny_models_dir / name for name in TINY_MODEL_NAMES}
+
+
+@pytest.fixture
+def image() -> Image.Image:
+    pixels = np.random.default_rng(0).integers(0, 256, size=(48, 56, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def load_strict(load: Callable[..., tuple[Any, dict]], folder: Path) -> Any:
+    """`load(folder, output_loading_info=True)`, failing on any missing or unexpected weight (which
+    `from_pretrained` would otherwise only log, leaving random weights in place)."""
+    model, info = load(folder, output_loading_info=True)
+    assert not any(info.get(key) for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    return model
+
+
+def quiet(pipe: DiffusionPipeline) -> DiffusionPipeline:
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ----------------------------------------------------------------------------------------- build
+
+
+def test_every_model_is_built_in_hub_layout(models: dict[str, Path]) -> None:
+    root = next(iter(models.values())).parent
+    assert sorted(p.name for p in root.iterdir()) == sorted(TINY_MODEL_NAMES)  # no staging folders left
+    marker = {"sd15": "model_index.json", "sdxl": "model_index.json", "open_clip": "open_clip_config.json"}
+    for name, folder in models.items():
+        assert (folder / marker.get(name, "config.json")).is_file(), name
+        assert not list(folder.rglob("*.bin")), f"{name} should be saved as safetensors only"
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        assert size < 10 * 2**20, f"{name} is {size / 2**20:.1f} MB"
+
+
+def test_second_build_is_a_noop(tiny_models_dir: Path) -> None:
+    stamps = {f: f.stat().st_mtime_ns for f in tiny_models_dir.rglob("*")}
+    started = time.perf_counter()
+    folders = build_tiny_models(tiny_models_dir)
+    assert time.perf_counter() - started < 0.5
+    assert folders == {name: tiny_models_dir / name for name in TINY_MODEL_NAMES}
+    assert {f: f.stat().st_mtime_ns for f in tiny_models_dir.rglob("*")} == stamps
+
+
+def test_same_seed_gives_identical_weights(tmp_path: Path) -> None:
+    first = build_tiny_models(tmp_path / "first", seed=3)
+    build_tiny_models(tmp_path / "second", seed=3)
+    other_seed = build_tiny_models(tmp_path / "other", seed=4, only=["sd15"])
+    weight_files = sorted(f.relative_to(tmp_path / "first") for f in (tmp_path / "first").rglob("*.safetensors"))
+    assert len(weight_files) == 17  # one per model, but 3 in sd15 and 4 in sdxl
+    for relative in weight_files:
+        assert (tmp_path / "first" / relative).read_bytes() == (tmp_path / "second" / relative).read_bytes(), relative
+    unet = Path("unet/diffusion_pytorch_model.safetensors")
+    assert (first["sd15"] / unet).read_bytes() != (other_seed["sd15"] / unet).read_bytes()
+
+
+def test_controlnets_start_from_the_unet_but_differ_per_control_type(models: dict[str, Path]) -> None:
+    unet = load_file(models["sd15"] / "unet" / "diffusion_pytorch_model.safetensors")
+    softedge, depth = (
+        load_file(models[f"controlnet-sd15-{control}"] / "diffusion_pytorch_model.safetensors")
+        for control in ("softedge", "depth")
+    )
+    assert torch.equal(softedge["conv_in.weight"], unet["conv_in.weight"])
+    assert torch.equal(depth["conv_in.weight"], unet["conv_in.weight"])
+    assert not torch.equal(softedge["controlnet_mid_block.weight"], depth["controlnet_mid_block.weight"])
+
+
+def test_unknown_name_is_rejected_with_the_allowed_names(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="allowed: sd15, sdxl, controlnet-sd15-softedge"):
+        build_tiny_models(tmp_path, only=["sd15", "sd21"])
+    assert not list(tmp_path.iterdir())
+
+
+def test_failed_build_leaves_no_partial_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def crash(folder: Path, seed: int) -> None:
+        (folder / "config.json").write_text("{}")
+        raise RuntimeError("killed mid-build")
+
+    monkeypatch.setitem(tiny_models._BUILDERS, "dinov3", crash)
+    with pytest.raises(RuntimeError, match="killed mid-build"):
+        build_tiny_models(tmp_path, only=["dinov3"])
+    assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------ diffusion
+
+
+def test_sd15_pipeline_is_seeded(models: dict[str, Path]) -> None:
+    pipe = quiet(StableDiffusionPipeline.from_pretrained(models["sd15"]))
+
+    def generate(seed: int) -> np.ndarray:
+        generator = torch.Generator().manual_seed(seed)
+        return pipe(PROMPT, num_inference_steps=2, generator=generator, output_type="np").images
+
+    first, again, other = generate(0), generate(0), generate(1)
+    assert first.shape == (1, 64, 64, 3)
+    np.testing.assert_array_equal(first, again)
+    assert np.abs(first - other).max() > 1e-3
+
+
+def test_sd15_with_two_controlnets_runs_unipc(models: dict[str, Path], image: Image.Image) -> None:
+    controlnets = [
+        load_strict(ControlNetModel.from_pretrained, models[f"controlnet-sd15-{control}"])
+        for control in ("softedge", "depth")
+    ]
+    pipe = quiet(StableDiffusionControlNetPipeline.from_pretrained(models["sd15"], controlnet=controlnets))
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+
+    def generate(control_image: Image.Image) -> np.ndarray:
+        return pipe(
+            PROMPT,
+            image=[control_image, control_image],
+            height=64,
+            width=64,
+            num_inference_steps=2,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        ).images
+
+    images = generate(image)
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
+    blank = generate(Image.new("RGB", image.size))
+    assert np.abs(images - blank).max() > 1e-3, "the control image should steer generation"
+
+
+def test_sdxl_pipeline_runs(models: dict[str, Path]) -> None:
+    pipe = quiet(StableDiffusionXLPipeline.from_pretrained(models["sdxl"]))
+    images = pipe(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
+
+
+def test_sdxl_controlnet_pipeline_runs(models: dict[str, Path], image: Image.Image) -> None:
+    controlnet = load_strict(ControlNetModel.from_pretrained, models["controlnet-sdxl-depth"])
+    pipe = quiet(StableDiffusionXLControlNetPipeline.from_pretrained(models["sdxl"], controlnet=controlnet))
+    generator = torch.Generator().manual_seed(0)
+    images = pipe(
+        PROMPT, image=image, height=64, width=64, num_inference_steps=2, generator=generator, output_type="np"
+    ).images
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
+
+
+# ------------------------------------------------------------------------- scorers and captioner
+
+
+def test_clip_scores_images_against_prompts(models: dict[str, Path], image: Image.Image) -> None:
+    model = load_strict(CLIPModel.from_pretrained, models["clip"])
+    processor = CLIPProcessor.from_pretrained(models["clip"])
+    inputs = processor(text=[PROMPT, "crazing"], images=[image, image, image], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model(**inputs).logits_per_image
+    assert logits.shape == (3, 2)
+
+
+def test_blip2_captions_an_image(models: dict[str, Path], image: Image.Image) -> None:
+    model = load_strict(Blip2ForConditionalGeneration.from_pretrained, models["blip2"])
+    processor = Blip2Processor.from_pretrained(models["blip2"])
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_index
+    assert processor.num_query_tokens == model.config.num_query_tokens
+    inputs = processor(images=image, return_tensors="pt")
+    generated = model.generate(**inputs, max_new_tokens=5)
+    captions = processor.batch_decode(generated, skip_special_tokens=True)
+    assert len(captions) == 1 and isinstance(captions[0], str)
+    # With a prompt the processor prepends one <image> per query token; the model must accept that too.
+    prompted = processor(images=image, text="a photo of", return_tensors="pt")
+    assert model.generate(**prompted, max_new_tokens=5).shape[0] == 1
+
+
+def test_open_clip_loads_from_local_dir(models: dict[str, Path], image: Image.Image) -> None:
+    model_id = f"local-dir:{models['open_clip']}"
+    model, _, preprocess = open_clip.create_model_and_transforms(model_id)
+    tokenizer = open_clip.get_tokenizer(model_id)
+    assert isinstance(tokenizer, open_clip.SimpleTokenizer)
+    # open_clip only logs a warning when it finds no weights file and keeps its random init.
+    saved = load_file(models["open_clip"] / "open_clip_model.safetensors")
+    assert torch.equal(model.state_dict()["text_projection"], saved["text_projection"])
+    with torch.no_grad():
+        image_features = model.encode_image(preprocess(image).unsqueeze(0))
+        text_features = model.encode_text(tokenizer([PROMPT, "crazing"]))
+    assert image_features.shape == (1, 16) and text_features.shape == (2, 16)
+
+
+def test_dinov3_returns_cls_register_and_patch_tokens(models: dict[str, Path], image: Image.Image) -> None:
+    model = load_strict(AutoModel.from_pretrained, models["dinov3"])
+    pixel_values = AutoImageProcessor.from_pretrained(models["dinov3"])(image, return_tensors="pt").pixel_values
+    assert pixel_values.shape == (1, 3, 64, 64)
+    with torch.no_grad():
+        tokens = model(pixel_values=pixel_values).last_hidden_state
+    config = model.config
+    assert tokens.shape == (1, 1 + config.num_register_tokens + (64 // config.patch_size) ** 2, config.hidden_size)
+    # Not AutoBackbone: in transformers 5.23 it asks the hub whether the id exists and rejects local folders.
+    backbone = load_strict(partial(DINOv3ViTBackbone.from_pretrained, out_indices=[-1]), models["dinov3"])
+    with torch.no_grad():
+        (feature_map,) = backbone(pixel_values=pixel_values).feature_maps
+    assert feature_map.shape == (1, config.hidden_size, 4, 4)
+
+
+def test_depth_model_predicts_a_depth_map(models: dict[str, Path], image: Image.Image) -> None:
+    model = load_strict(AutoModelForDepthEstimation.from_pretrained, models["depth"])
+    inputs = AutoImageProcessor.from_pretrained(models["depth"])(image, return_tensors="pt")
+    with torch.no_grad():
+        depth = model(**inputs).predicted_depth
+    assert depth.ndim == 3 and depth.shape[0] == 1 and torch.isfinite(depth).all()
+    result = pipeline("depth-estimation", model=str(models["depth"]))(image)
+    assert result["depth"].size == image.size and result["predicted_depth"].ndim == 2
+
+
+# ------------------------------------------------------------------------------------ tokenizers
+
+
+def test_tokenizer_assets_match_their_generator(tmp_path: Path) -> None:
+    written = write_tokenizer_assets(tmp_path)
+    committed = sorted(p.relative_to(ASSETS_DIR) for p in ASSETS_DIR.rglob("*") if p.is_file())
+    assert committed == sorted(p.relative_to(tmp_path) for p in written)
+    for path in written:
+        assert path.read_bytes() == (ASSETS_DIR / path.relative_to(tmp_path)).read_bytes(), (
+            f"{path.relative_to(tmp_path)} drifted: run python -m neu_det_pipeline.testing.make_tokenizer_assets"
+        )
+
+
+@pytest.mark.parametrize("folder", [CLIP_TOKENIZER, GPT2_TOKENIZER])
+def test_tokenizers_cover_any_text_and_count_added_tokens(folder: str) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS_DIR / folder)
+    ids = tokenizer(PROMPT + ", 4K ½ é 漢", add_special_tokens=False).input_ids
+    assert len(ids) < 40 and tokenizer.unk_token_id not in ids  # unseen characters fall back to bytes
+    # Textual inversion tells new placeholders from existing ones by this count.
+    assert tokenizer.add_tokens(["<neu-crazing>", "<neu-patches>"]) == 2
+    assert tokenizer.add_tokens(["<neu-crazing>"]) == 0
+    placeholder_id = tokenizer.convert_tokens_to_ids("<neu-crazing>")
+    assert placeholder_id in tokenizer("a photo of <neu-crazing>").input_ids
+
+
+def test_clip_tokenizer_fits_diffusers_prompts() -> None:
+    tokenizer = CLIPTokenizer.from_pretrained(ASSETS_DIR / CLIP_TOKENIZER)
+    assert tokenizer.model_max_length == 77
+    ids = tokenizer(PROMPT, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+    assert len(ids) == 77 and ids[0] == tokenizer.bos_token_id
+    assert tokenizer.convert_ids_to_tokens(ids[1:4]) == ["a</w>", "grayscale</w>", "photo</w>"]
+
+
+def test_gpt2_tokenizer_matches_opt_conventions() -> None:
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS_DIR / GPT2_TOKENIZER)
+    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (1, 2, 2)
+    assert tokenizer("a photo").input_ids[0] == tokenizer.bos_token_id
