@@ -3,6 +3,7 @@
     python -m neu_det_pipeline.<step> --config PATH [key=value ...]
     neu-det run-all --config PATH [key=value ...]
     neu-det tiny-models DIR
+    neu-det list-steps
 """
 
 from __future__ import annotations
@@ -77,14 +78,15 @@ def run_all(config: PipelineConfig) -> list[dict]:
             summaries.append(run_step(load_step(name), config, progress))
             progress.advance(overall)
     table = Table(title="neu-det run-all", title_justify="left")
-    for column in ("step", "status", "wall time (s)", "outputs"):
+    for column in ("step", "status", "wall time (s)"):
         table.add_column(column)
     for summary in summaries:
         status = "up to date" if summary.get("up_to_date") else summary["status"]
-        out_dir = step_output_dir(config, summary["step"])
-        table.add_row(summary["step"], status, f"{summary['wall_time_s']:.1f}", f"{out_dir}/summary.json")
+        table.add_row(summary["step"], status, f"{summary['wall_time_s']:.1f}")
     console.print(table)
-    console.print(f"all outputs in [bold]{config.run.output_dir}[/] ({time.perf_counter() - started:.1f} s)")
+    for summary in summaries:
+        console.print(f"summary: {step_output_dir(config, summary['step'])}/summary.json", soft_wrap=True, highlight=False)
+    console.print(f"all outputs in {config.run.output_dir} ({time.perf_counter() - started:.1f} s)", soft_wrap=True, highlight=False)
     return summaries
 
 
@@ -92,13 +94,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="neu-det", description="NEU-DET diffusion augmentation pipeline")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_config_arguments(commands.add_parser("run-all", help="run every step in order"))
+    commands.add_parser("list-steps", help="print each step and its launcher (python or accelerate), in run order")
     tiny = commands.add_parser("tiny-models", help="build tiny random models in hub layout (offline tests)")
     tiny.add_argument("dir", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     with user_errors():
-        if args.command == "tiny-models":
+        if args.command == "list-steps":
+            for name in STEP_MODULES:
+                print(name, "accelerate" if load_step(name).training else "python")
+        elif args.command == "tiny-models":
             from neu_det_pipeline.testing.tiny_models import build_tiny_models
 
             for name, path in build_tiny_models(args.dir, seed=args.seed).items():
