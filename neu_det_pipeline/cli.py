@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import logging
 import sys
 import time
 from collections.abc import Iterator
@@ -21,6 +22,9 @@ from rich.table import Table
 from neu_det_pipeline.config import PipelineConfig, load_config
 from neu_det_pipeline.errors import PipelineError
 from neu_det_pipeline.recipe import Step, console, new_progress, run_step, step_output_dir
+
+# bitsandbytes warns on every CPU import that an optional 4-bit kernel package is missing; it is not used here.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 STEP_MODULES = ("step0_prepare",)
 """Pipeline steps in run order; each module defines `STEP`."""

@@ -126,7 +126,7 @@ def _jsonable(value: Any) -> Any:
     return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
 
 
-def _prepare_out_dir(step: Step, out_dir: Path, fingerprint: str) -> bool:
+def _prepare_out_dir(out_dir: Path, fingerprint: str) -> bool:
     """Make `out_dir` ready for this fingerprint; True when an interrupted run is being continued."""
     state_path = out_dir / STATE_FILE
     previous = read_json(state_path).get("fingerprint") if state_path.is_file() else None
@@ -157,7 +157,7 @@ def run_step(step: Step, config: PipelineConfig, progress: Progress | None = Non
         quiet = new_progress(disable=True)
         return step.run(StepContext(step=step, config=config, out_dir=out_dir, fingerprint=fingerprint, progress=quiet))
 
-    resumed = _prepare_out_dir(step, out_dir, fingerprint)
+    resumed = _prepare_out_dir(out_dir, fingerprint)
     (out_dir / SUMMARY_FILE).unlink(missing_ok=True)
     resolved = dump_config(config)
     atomic_write_text(out_dir / CONFIG_FILE, resolved)

@@ -50,3 +50,11 @@ def test_run_step_script_rejects_unknown_step(tmp_path: Path) -> None:
 def test_missing_config_file_is_one_line(tmp_path: Path) -> None:
     result = neu_det("run-all", "--config", str(tmp_path / "nope.yaml"))
     assert result.returncode == 2 and "not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_tiny_models_command_builds_hub_layout_folders(tmp_path: Path) -> None:
+    result = neu_det("tiny-models", str(tmp_path / "tiny"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "tiny" / "sd15" / "model_index.json").is_file()
+    assert (tmp_path / "tiny" / "clip" / "config.json").is_file()
+    assert str(tmp_path / "tiny" / "sd15") in result.stderr
