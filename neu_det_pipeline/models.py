@@ -1,52 +1,62 @@
-"""Model loading shared by every step: hub ids on a GPU node, local hub-layout folders offline.
+"""Device, precision and model loading shared by every step.
 
-Loading always goes through the libraries' own `from_pretrained`; this module only picks the
-device and dtype and turns a failed load into one line naming the config key and the fix.
+Loading always goes through the libraries' own `from_pretrained` (hub ids on a GPU node, local
+hub-layout folders offline); this module picks the device and dtype and turns a failed load into
+one line naming the config key and the fix.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 import torch
 
-from neu_det_pipeline.config import PipelineConfig
 from neu_det_pipeline.errors import PipelineError
 
 T = TypeVar("T")
 
+LOCAL_DIR_PREFIX = "local-dir:"
+MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-def resolve_device(config: PipelineConfig) -> torch.device:
-    if config.run.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if config.run.device == "cuda" and not torch.cuda.is_available():
+
+def resolve_device(name: str) -> torch.device:
+    """`run.device` -> a torch device; `auto` takes CUDA when available."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
         raise PipelineError("run.device=cuda but no CUDA device is visible; set run.device=auto or run.device=cpu")
-    return torch.device(config.run.device)
+    return torch.device(name)
 
 
-def inference_dtype(config: PipelineConfig, device: torch.device) -> torch.dtype:
-    """Half precision only where it is fast and supported: on CUDA."""
-    if device.type != "cuda":
-        return torch.float32
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.run.mixed_precision, torch.float32)
+def inference_dtype(device: torch.device, mixed_precision: str) -> torch.dtype:
+    """`run.mixed_precision` on GPU; always float32 on CPU, where half-precision kernels are slow or missing."""
+    return MIXED_PRECISION_DTYPES[mixed_precision] if device.type == "cuda" else torch.float32
 
 
-def load_pretrained(config_key: str, model_id: str, load: Callable[[str], T]) -> T:
-    """`load(model_id)` with a clear one-line error naming `config_key` when the model is unavailable."""
-    path = model_id.removeprefix("local-dir:").removeprefix("hf-hub:")
-    # Hub ids are `org/name`; anything else is meant as a local folder.
-    is_local = model_id.startswith("local-dir:") or path.startswith((".", "/", "~")) or path.count("/") > 1
-    if is_local and not Path(path).expanduser().exists():
+def _local_folder(model_id: str) -> Path | None:
+    """The folder `model_id` names, or None when it reads as a hub id."""
+    if model_id.startswith(LOCAL_DIR_PREFIX):
+        return Path(model_id.removeprefix(LOCAL_DIR_PREFIX))
+    path = Path(model_id).expanduser()
+    # `org/name` may be a hub id or a relative folder; a leading `/`, `.` or `~` can only be a folder.
+    return path if path.exists() or model_id.startswith(("/", ".", "~")) else None
+
+
+def load_model(config_key: str, model_id: str, load: Callable[[], T]) -> T:
+    """Run `load()`; a missing folder or an unreachable hub id becomes one line naming `config_key` and the fix."""
+    folder = _local_folder(model_id)
+    if folder is not None and not folder.is_dir():
         raise PipelineError(
-            f"{config_key}={model_id}: no such folder; point {config_key} at a hub id or a local model folder "
+            f"{config_key}: model folder {folder} does not exist; set {config_key}=<folder in hub layout or hub id> "
             f"(tiny offline models: `neu-det tiny-models DIR`)"
         )
     try:
-        return load(model_id)
-    except (OSError, ValueError) as exc:
-        offline = " (HF_HUB_OFFLINE is set: download it first or use a local folder)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PipelineError(f"could not load {config_key}={model_id}{offline}: {first_line}") from None
+        return load()
+    except (OSError, RuntimeError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PipelineError(
+            f"{config_key}={model_id!r} could not be loaded ({reason}); set {config_key} to a local model folder, "
+            f"or to a hub id that is in the Hugging Face cache or downloadable"
+        ) from None

@@ -22,7 +22,7 @@ from diffusers.training_utils import compute_snr
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from neu_det_pipeline.config import PipelineConfig
-from neu_det_pipeline.models import load_pretrained
+from neu_det_pipeline.models import load_model
 
 
 @dataclass
@@ -57,7 +57,7 @@ def load_components(config: PipelineConfig) -> DiffusionComponents:
     sdxl = config.models.pipeline == "sdxl"
 
     def load(cls, subfolder):
-        return load_pretrained(key, model_id, lambda m: cls.from_pretrained(m, subfolder=subfolder))
+        return load_model(key, model_id, lambda: cls.from_pretrained(model_id, subfolder=subfolder))
 
     tokenizers = [load(CLIPTokenizer, "tokenizer")]
     text_encoders = [load(CLIPTextModel, "text_encoder")]

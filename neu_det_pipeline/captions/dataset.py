@@ -1,0 +1,75 @@
+"""Step 2's inputs (Step 0's training split) and its `imagefolder` caption dataset.
+
+The dataset folder holds the images and a `metadata.jsonl` whose `file_name` is relative to it,
+the layout `datasets.load_dataset("imagefolder", data_dir=...)` and the diffusers training
+scripts (`--train_data_dir`, `--caption_column text`) read. imagefolder only resolves files
+inside its folder, so the Step 0 training copies are hard-linked in (copied across file systems).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from neu_det_pipeline.errors import MissingStepOutputError
+from neu_det_pipeline.io import atomic_write_bytes, read_jsonl, write_jsonl
+
+MANIFEST_FILE = "manifest.jsonl"
+METADATA_FILE = "metadata.jsonl"
+DATASET_DIR = "train"
+"""The imagefolder dataset's folder inside the step's output folder."""
+
+
+@dataclass(frozen=True)
+class TrainImage:
+    """One training-split row of the Step 0 manifest."""
+
+    id: str
+    image_class: str
+    path: Path
+    """Step 0's 3-channel training copy (the image diffusion trains on)."""
+    source: str
+    """The original image, relative to `data.root`."""
+
+    @property
+    def file_name(self) -> str:
+        """Name inside the dataset folder (ids are unique)."""
+        return f"{self.id}{self.path.suffix}"
+
+    @property
+    def dataset_path(self) -> str:
+        """Path relative to the step's output folder."""
+        return f"{DATASET_DIR}/{self.file_name}"
+
+
+def read_train_images(step0_dir: Path) -> list[TrainImage]:
+    """The training split of Step 0's manifest, sorted by id; fails on a missing training copy."""
+    manifest = step0_dir / MANIFEST_FILE
+    rerun = f"re-run `python -m neu_det_pipeline.step0_prepare --config <same config>` to rebuild {step0_dir}"
+    if not manifest.is_file():
+        raise MissingStepOutputError(f"{manifest} is missing; {rerun}")
+    images = [
+        TrainImage(id=row["id"], image_class=row["class"], path=step0_dir / row["image"], source=row["source"])
+        for row in read_jsonl(manifest)
+        if row["split"] == "train"
+    ]
+    for image in images:
+        if not image.path.is_file():
+            raise MissingStepOutputError(f"{image.path} (listed in {manifest}) is missing; {rerun}")
+    return sorted(images, key=lambda image: image.id)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link `source` to `target` (replacing it), or copy it atomically where links are impossible."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or one without hard links
+        atomic_write_bytes(target, source.read_bytes())
+
+
+def write_imagefolder_metadata(dataset_dir: Path, texts: dict[str, str]) -> Path:
+    """`metadata.jsonl` rows `{"file_name", "text"}` from file name (relative to `dataset_dir`) -> caption."""
+    return write_jsonl(dataset_dir / METADATA_FILE, [{"file_name": name, "text": text} for name, text in texts.items()])

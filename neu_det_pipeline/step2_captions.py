@@ -1,0 +1,118 @@
+"""Step 2: a prompt per training image, from CLIP-ranked keywords and optional BLIP-2 captions.
+
+    python -m neu_det_pipeline.step2_captions --config configs/base.yaml captions.prompt_style=keywords
+
+Every keyword (`captions.general_keywords` + the class's `captions.class_keywords`) and prompt variant
+is scored against each Step 0 training image by the `captions.ranking_backends` (CLIP, OpenCLIP, or
+both averaged after a per-image z-score, see `neu_det_pipeline.captions.ranking`). The prompt is
+`captions.template` with the class token, plus the BLIP-2 caption (`prompt_style: blip2`) and the top
+`captions.top_k` keywords (`keywords`, `blip2`). An interrupted run continues from its last batch.
+
+Outputs in `<run.output_dir>/step2_captions/`:
+    captions.jsonl          one row per training image: prompt, token, keyword and variant scores, models
+    train/<id>.png          the Step 0 training copies (hard links; copies across file systems)
+    train/metadata.jsonl    `file_name` + `text`: a Hugging Face `imagefolder` dataset for diffusers training
+    summary.json            counts, models, device, timings, top keywords per class
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+from neu_det_pipeline.captions import (
+    DATASET_DIR,
+    CaptionAnnotator,
+    ResultCache,
+    keyword_table,
+    link_or_copy,
+    read_train_images,
+    top_keywords_by_class,
+    write_imagefolder_metadata,
+)
+from neu_det_pipeline.cli import step_main
+from neu_det_pipeline.errors import DataError
+from neu_det_pipeline.io import write_jsonl
+from neu_det_pipeline.recipe import Step, StepContext, console
+
+CAPTIONS_FILE = "captions.jsonl"
+PARTIAL_RESULTS_FILE = "captions.partial.jsonl"
+
+
+def run(ctx: StepContext) -> dict[str, Any]:
+    cfg, out_dir = ctx.config, ctx.out_dir
+    step0_dir = ctx.upstream_dir("step0_prepare")
+    images = read_train_images(step0_dir)
+    if not images:
+        raise DataError(f"{step0_dir}/manifest.jsonl has no training images; raise data.split.train or add images")
+
+    # 1. Models, loaded once (a bad model path fails here, with the config key to fix).
+    started = time.perf_counter()
+    annotator = CaptionAnnotator.from_config(cfg)
+    load_s = time.perf_counter() - started
+
+    # 2. Fixed batches in id order: a resumed run recomputes whole batches, so its files match a fresh run's.
+    cache = ResultCache(out_dir / PARTIAL_RESULTS_FILE)
+    rows = cache.load()
+    size = cfg.captions.batch_size
+    batches = [images[i : i + size] for i in range(0, len(images), size)]
+    pending = [batch for batch in batches if any(image.id not in rows for image in batch)]
+    from_cache = len(images) - sum(len(batch) for batch in pending)
+    for batch in ctx.track(pending, len(pending), "ranking, captioning"):
+        batch_rows = annotator.annotate(batch)
+        for image in batch:
+            link_or_copy(image.path, out_dir / image.dataset_path)
+        cache.append(batch_rows)
+        rows.update((row["id"], row) for row in batch_rows)
+
+    # 3. Final files, then the partial results are no longer needed.
+    ordered = [rows[image.id] for image in images]
+    write_jsonl(out_dir / CAPTIONS_FILE, ordered)
+    write_imagefolder_metadata(out_dir / DATASET_DIR, {image.file_name: rows[image.id]["prompt"] for image in images})
+    cache.remove()
+
+    counts = Counter(image.image_class for image in images)
+    top_keywords = top_keywords_by_class(ordered, cfg.captions.top_k)
+    console.print(keyword_table(top_keywords, counts, cfg.data.classes))
+    return {
+        "train_images": len(images),
+        "images_captioned": len(images) - from_cache,
+        "images_from_cache": from_cache,
+        "class_counts": dict(counts),
+        "prompt_style": cfg.captions.prompt_style,
+        "ranking_backends": [scorer.name for scorer in annotator.ranker.scorers],
+        "score_normalisation": "per-image z-score of cosine similarity over the candidates, averaged over backends",
+        "models": annotator.models,
+        "top_keywords": {name: [kw for kw, _ in pairs] for name, pairs in top_keywords.items()},
+        "best_variants": dict(Counter(row["best_variant"] for row in ordered)),
+        "timings_s": {"load_models": round(load_s, 3), **{k: round(v, 3) for k, v in annotator.timings.items()}},
+        "outputs": {"captions": CAPTIONS_FILE, "imagefolder": f"{DATASET_DIR}/metadata.jsonl"},
+    }
+
+
+STEP = Step(
+    name="step2_captions",
+    title="CLIP keyword ranking, BLIP-2 captions, prompts",
+    run=run,
+    # run.seed is not a key: ranking and greedy BLIP-2 decoding involve no randomness.
+    config_keys=(
+        "captions",
+        "models.clip",
+        "models.open_clip",
+        "models.blip2",
+        "textual_inversion.placeholder_format",
+        "data.classes",
+        "run.device",
+        "run.mixed_precision",
+    ),
+    requires=("step0_prepare",),
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    step_main(STEP.name, argv)
+
+
+if __name__ == "__main__":
+    main()
