@@ -37,7 +37,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 
 def make_accelerator(config: PipelineConfig) -> Accelerator:
     """CPU when asked for or when no GPU exists (`accelerate launch --multi_gpu` then runs gloo ranks)."""
-    cpu = resolve_device(config).type == "cpu"
+    cpu = resolve_device(config.run.device).type == "cpu"
     return Accelerator(mixed_precision="no" if cpu else config.run.mixed_precision, cpu=cpu)
 
 
@@ -152,6 +152,25 @@ class TrainingResult:
     validation_images: list[str] = field(default_factory=list)
 
 
+class _LossModule(torch.nn.Module):
+    """The denoising loss as the forward of a module holding the trained one.
+
+    DDP averages gradients only for forward passes made through the wrapper `accelerator.prepare`
+    returns, and accelerate's autocast wraps that forward too; the frozen components are a plain
+    attribute, so DDP neither broadcasts nor tracks them.
+    """
+
+    def __init__(self, trained: torch.nn.Module, components: DiffusionComponents, settings: TrainingSettings):
+        super().__init__()
+        self.trained, self.components, self.settings = trained, components, settings
+
+    def forward(self, pixel_values: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        hidden, added = encode_prompts(self.components, prompts, self.settings.resolution, pixel_values.device)
+        return denoising_loss(
+            self.components, pixel_values, hidden, added, self.settings.noise_offset, self.settings.snr_gamma
+        )
+
+
 def make_dataloader(dataset: DefectImageDataset, settings: TrainingSettings, num_processes: int, seed: int) -> DataLoader:
     per_step = settings.train_batch_size * settings.gradient_accumulation_steps * num_processes
     sampler = SeededOrderSampler(len(dataset), settings.max_train_steps * per_step, seed)
@@ -177,7 +196,7 @@ def train(
     if resume_from is not None:
         start, tensors, losses = Checkpoints.load(resume_from, optimizer, lr_scheduler)
         task.load_trained_state(tensors)
-    model, optimizer, dataloader = accelerator.prepare(task.model, optimizer, dataloader)
+    model, optimizer, dataloader = accelerator.prepare(_LossModule(task.model, components, settings), optimizer, dataloader)
     if start:
         dataloader = accelerator.skip_first_batches(dataloader, start * settings.gradient_accumulation_steps)
     batches = iter(dataloader)
@@ -191,11 +210,7 @@ def train(
             torch.manual_seed(hash((seed, step, micro, accelerator.process_index)) % 2**63)
             last_micro = micro == settings.gradient_accumulation_steps - 1
             with accelerator.no_sync(model) if not last_micro else contextlib.nullcontext():
-                hidden, added = encode_prompts(components, batch["prompts"], settings.resolution, accelerator.device)
-                loss = denoising_loss(
-                    components, batch["pixel_values"].to(accelerator.device), hidden, added,
-                    settings.noise_offset, settings.snr_gamma,
-                )
+                loss = model(batch["pixel_values"].to(accelerator.device), batch["prompts"])
                 accelerator.backward(loss / settings.gradient_accumulation_steps)
             step_loss += loss.detach() / settings.gradient_accumulation_steps
         accelerator.clip_grad_norm_(task.parameters, settings.max_grad_norm)

@@ -1,0 +1,188 @@
+"""Step 1 training steps/s against a bare diffusers textual-inversion loop (target ratio >= 0.95).
+
+    python benchmarks/bench_step1_ti.py --config configs/smoke.yaml
+    python benchmarks/bench_step1_ti.py --config configs/base.yaml data.root=/data/NEU-DET   # GPU node, real SD 1.5
+
+Both loops train the same SD 1.5 model on Step 0's training images (prepared here, in a temporary folder)
+with the same batch size, resolution, AdamW settings and learning rate. The bare loop is the loop of
+diffusers' examples/textual_inversion/textual_inversion.py cut to its training step (accelerate, one
+text-encoder forward, masked restore of the frozen rows, a loss `.item()` per step for its logs).
+Each repeat times the steps after `--warmup`, alternating the two loops; the medians are compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from neu_det_pipeline import step0_prepare
+from neu_det_pipeline.config import PipelineConfig, load_config
+from neu_det_pipeline.recipe import console, new_progress, run_step
+from neu_det_pipeline.testing.tiny_models import build_tiny_models
+from neu_det_pipeline.training.data import train_rows
+from neu_det_pipeline.training.loop import make_accelerator, weight_dtype
+from neu_det_pipeline.training.textual_inversion import ADAMW_WEIGHT_DECAY, TextualInversion
+
+
+def steps_per_second(stamps: list[float], warmup: int) -> float:
+    """Throughput from the time each optimizer step ended, the first `warmup` steps excluded."""
+    timed = stamps[warmup:]
+    return (len(timed) - 1) / (timed[-1] - timed[0])
+
+
+def step1_loop(config: PipelineConfig, step0_dir: Path, steps: int) -> list[float]:
+    """Step 1's own training (library + shared core); returns the end time of every optimizer step."""
+    stamps: list[float] = []
+    with tempfile.TemporaryDirectory() as out:
+        TextualInversion(config, step0_dir, Path(out)).run(on_step=lambda step, loss: stamps.append(time.perf_counter()))
+    return stamps
+
+
+class _TemplateImages(Dataset):
+    """The diffusers example's dataset: an image, a flip, a random template with the token, tokenized."""
+
+    def __init__(self, step0_dir: Path, config: PipelineConfig, tokenizer: CLIPTokenizer):
+        section = config.textual_inversion
+        self.rows, self.step0_dir, self.tokenizer = train_rows(step0_dir), step0_dir, tokenizer
+        self.tokens, self.templates, self.resolution = section.tokens(config.data.classes), section.templates, section.resolution
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        row = self.rows[index]
+        with Image.open(self.step0_dir / row["image"]) as image:
+            image = image.convert("RGB").resize((self.resolution, self.resolution), Image.Resampling.BICUBIC)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+        if random.random() < 0.5:
+            pixels = pixels.flip(2)
+        prompt = random.choice(self.templates).format(token=self.tokens[row["class"]])
+        ids = self.tokenizer(
+            prompt, padding="max_length", truncation=True, max_length=self.tokenizer.model_max_length, return_tensors="pt"
+        ).input_ids[0]
+        return {"pixel_values": pixels, "input_ids": ids}
+
+
+def bare_diffusers_loop(config: PipelineConfig, step0_dir: Path, steps: int) -> list[float]:
+    section, model_id = config.textual_inversion, config.models.sd15
+    tokenizer = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder")
+    vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(model_id, subfolder="unet")
+    noise_scheduler = DDPMScheduler.from_pretrained(model_id, subfolder="scheduler")
+
+    tokens = section.tokens(config.data.classes)
+    tokenizer.add_tokens(list(tokens.values()))
+    token_ids = tokenizer.convert_tokens_to_ids(list(tokens.values()))
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    embeds = text_encoder.get_input_embeddings().weight.data
+    with torch.no_grad():
+        for name, token_id in zip(tokens, token_ids):
+            embeds[token_id] = embeds[tokenizer.encode(section.initializer_words[name], add_special_tokens=False)].mean(0)
+    vae.requires_grad_(False)
+    unet.requires_grad_(False)
+    text_encoder.requires_grad_(False)  # the example freezes every text-encoder part but the token embedding
+    text_encoder.get_input_embeddings().requires_grad_(True)
+
+    accelerator: Accelerator = make_accelerator(config)
+    optimizer = torch.optim.AdamW(
+        text_encoder.get_input_embeddings().parameters(), lr=section.learning_rate, weight_decay=ADAMW_WEIGHT_DECAY
+    )
+    dataloader = DataLoader(_TemplateImages(step0_dir, config, tokenizer), batch_size=section.train_batch_size, shuffle=True)
+    lr_scheduler = get_scheduler("constant", optimizer)
+    text_encoder, optimizer, dataloader, lr_scheduler = accelerator.prepare(text_encoder, optimizer, dataloader, lr_scheduler)
+    dtype = weight_dtype(accelerator)
+    vae.to(accelerator.device, dtype=dtype)
+    unet.to(accelerator.device, dtype=dtype)
+    orig_embeds = accelerator.unwrap_model(text_encoder).get_input_embeddings().weight.data.clone()
+    text_encoder.train()
+
+    stamps: list[float] = []
+    while len(stamps) < steps:
+        for batch in dataloader:
+            with accelerator.accumulate(text_encoder):
+                latents = vae.encode(batch["pixel_values"].to(dtype)).latent_dist.sample() * vae.config.scaling_factor
+                noise = torch.randn_like(latents)
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+                hidden = text_encoder(batch["input_ids"])[0].to(dtype)
+                prediction = unet(noisy_latents, timesteps, hidden).sample
+                loss = F.mse_loss(prediction.float(), noise.float())
+                accelerator.backward(loss)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+                index_no_updates = torch.ones((len(tokenizer),), dtype=torch.bool)
+                index_no_updates[min(token_ids) : max(token_ids) + 1] = False
+                with torch.no_grad():
+                    accelerator.unwrap_model(text_encoder).get_input_embeddings().weight[index_no_updates] = orig_embeds[index_no_updates]
+            loss.detach().item()  # the example logs the loss every step
+            stamps.append(time.perf_counter())
+            if len(stamps) == steps:
+                break
+    return stamps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=Path("configs/smoke.yaml"))
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per timed run")
+    parser.add_argument("--warmup", type=int, default=5, help="steps excluded from each timing")
+    parser.add_argument("--repeats", type=int, default=5)
+    # On a shared 2-core CPU, two OpenMP threads made single runs swing tenfold; one thread is steady.
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = load_config(args.config, [
+            *args.overrides, f"run.output_dir={tmp}", "models.pipeline=sd15", "textual_inversion.lr_scheduler=constant",
+            "textual_inversion.gradient_accumulation_steps=1", f"textual_inversion.max_train_steps={args.steps}",
+            "textual_inversion.checkpointing_steps=1000000", "textual_inversion.validation_steps=1000000",
+            "textual_inversion.validation_inference_steps=1", "textual_inversion.num_validation_images=1",
+        ])
+        if config.run.tiny_models_dir is not None:
+            build_tiny_models(config.run.tiny_models_dir)
+        console.quiet = True  # Step 0's tables are not what is measured
+        with new_progress(disable=True) as quiet:
+            run_step(step0_prepare.STEP, config, quiet)
+        step0_dir = Path(tmp) / step0_prepare.STEP.name
+
+        loops: dict[str, Callable[[PipelineConfig, Path, int], list[float]]] = {
+            "step1": step1_loop, "bare diffusers": bare_diffusers_loop,
+        }
+        rates: dict[str, list[float]] = {name: [] for name in loops}
+        for repeat in range(args.repeats):
+            for name, loop in loops.items():
+                torch.manual_seed(repeat)
+                random.seed(repeat)
+                rates[name].append(steps_per_second(loop(config, step0_dir, args.steps), args.warmup))
+
+    section = config.textual_inversion
+    print(f"model {config.models.sd15}, batch {section.train_batch_size}, {section.resolution} px, "
+          f"{args.steps} steps ({args.warmup} warm-up) x {args.repeats} repeats, torch threads {torch.get_num_threads()}")
+    for name, values in rates.items():
+        print(f"{name:15s} median {statistics.median(values):7.2f} steps/s   runs {[round(v, 2) for v in values]}")
+    ratio = statistics.median(rates["step1"]) / statistics.median(rates["bare diffusers"])
+    print(f"ratio step1 / bare = {ratio:.3f} (target >= 0.95)")
+
+
+if __name__ == "__main__":
+    main()

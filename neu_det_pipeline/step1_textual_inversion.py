@@ -1,0 +1,75 @@
+"""Step 1: textual inversion, one learned token per defect class (SD 1.5, or SDXL with both text encoders).
+
+    python -m neu_det_pipeline.step1_textual_inversion --config configs/smoke.yaml
+    accelerate launch -m neu_det_pipeline.step1_textual_inversion --config configs/base.yaml data.root=/data/NEU-DET
+
+An interrupted run continues from its newest checkpoint with the same command plus
+`textual_inversion.resume=latest` (the loss history is the one an uninterrupted run gives).
+
+Outputs in `<run.output_dir>/step1_textual_inversion/`:
+    learned_embeds-<class>.safetensors    the class token's embedding for `text_encoder` (diffusers format:
+                                          `pipe.load_textual_inversion(path, token=token)`)
+    learned_embeds_2-<class>.safetensors  the same for `text_encoder_2` (SDXL only)
+    token_map.json                        class -> {token, files: {text encoder name: file}}
+    losses.json, loss.png                 loss per optimizer step
+    validation/step-<N>.png               one row of seeded images per class token
+    checkpoints/checkpoint-<N>/           resumable state (newest `checkpoints_total_limit` kept)
+    summary.json                          steps, final loss, tokens, files, the checkpoint resumed from
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from neu_det_pipeline.cli import step_main
+from neu_det_pipeline.config import TextualInversionConfig
+from neu_det_pipeline.recipe import Step, StepContext
+from neu_det_pipeline.training.textual_inversion import TextualInversion
+
+# How to get there, not where: resuming and checkpoint cadence leave the learned tokens unchanged,
+# so changing them must not make the recipe wipe the checkpoints a resume needs.
+_NOT_IN_FINGERPRINT = {"resume", "checkpointing_steps", "checkpoints_total_limit"}
+
+
+def run(ctx: StepContext) -> dict[str, Any]:
+    section = ctx.config.textual_inversion
+    training = TextualInversion(ctx.config, ctx.upstream_dir("step0_prepare"), ctx.out_dir)
+    task = ctx.progress.add_task("textual inversion", total=section.max_train_steps)
+
+    def on_step(step: int, loss: float) -> None:
+        ctx.progress.update(task, completed=step, description=f"textual inversion (loss {loss:.4f})")
+
+    result = training.run(on_step)
+    ctx.progress.update(task, visible=False)
+    return {
+        "pipeline": ctx.config.models.pipeline,
+        "processes": result.processes,
+        "steps": len(result.losses),
+        "final_loss": result.losses[-1],
+        "tokens": result.tokens,
+        "files": result.files,
+        "resumed_from": result.resumed_from,
+        "validation_images": [Path(path).relative_to(ctx.out_dir).as_posix() for path in result.validation_images],
+    }
+
+
+STEP = Step(
+    name="step1_textual_inversion",
+    title="textual inversion: one learned token per defect class",
+    run=run,
+    config_keys=(
+        "models.pipeline", "models.sd15", "models.sdxl", "data.classes", "run.seed", "run.mixed_precision",
+        *(f"textual_inversion.{key}" for key in TextualInversionConfig.model_fields if key not in _NOT_IN_FINGERPRINT),
+    ),
+    requires=("step0_prepare",),
+    training=True,
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    step_main(STEP.name, argv)
+
+
+if __name__ == "__main__":
+    main()
