@@ -26,7 +26,7 @@ from neu_det_pipeline.recipe import Step, console, new_progress, run_step, step_
 # bitsandbytes warns on every CPU import that an optional 4-bit kernel package is missing; it is not used here.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
-STEP_MODULES = ("step0_prepare", "step1_textual_inversion", "step2_captions")
+STEP_MODULES = ("step0_prepare", "step1_textual_inversion", "step2_captions", "step3_lora")
 """Pipeline steps in run order; each module defines `STEP`."""
 
 

@@ -244,9 +244,9 @@ class CaptionsConfig(Section):
 
 
 class LoraConfigSection(Section):
-    rank: int = 16
+    rank: int = Field(16, ge=1)
     """LoRA rank r."""
-    alpha: int = 16
+    alpha: int = Field(16, ge=1)
     """LoRA alpha (scaling = alpha / rank)."""
     dropout: float = Field(0.0, ge=0, lt=1)
     """LoRA dropout."""

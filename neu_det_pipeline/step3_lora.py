@@ -1,0 +1,82 @@
+"""Step 3: LoRA or DoRA adapters on the UNet (optionally the text encoders) from the Step 2 prompts.
+
+    python -m neu_det_pipeline.step3_lora --config configs/smoke.yaml
+    accelerate launch -m neu_det_pipeline.step3_lora --config configs/base.yaml data.root=/data/NEU-DET
+
+Several processes train data-parallel (`accelerate launch --multi_gpu --num_processes N ...`; on CPU add
+`ACCELERATE_USE_CPU=true` for gloo ranks). An interrupted run continues from its newest checkpoint with
+the same command plus `lora.resume=latest` (the losses are the ones an uninterrupted run gives).
+
+Outputs in `<run.output_dir>/step3_lora/`:
+    pytorch_lora_weights.safetensors   diffusers format with the adapter configs as metadata:
+                                       `pipe.load_lora_weights(folder)` after loading the Step 1 tokens
+    losses.json                        loss per optimizer step
+    validation/step-<N>.png            one row of seeded images per class
+    checkpoints/checkpoint-<N>/        resumable state (newest `checkpoints_total_limit` kept)
+    summary.json                       steps, final loss, trainable parameters, optimizer state bits, resumed from
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from neu_det_pipeline.cli import step_main
+from neu_det_pipeline.config import LoraConfigSection
+from neu_det_pipeline.recipe import Step, StepContext
+from neu_det_pipeline.training.lora import LoraTraining
+
+# How to get there, not where: resuming and checkpoint cadence leave the trained adapters unchanged,
+# so changing them must not make the recipe wipe the checkpoints a resume needs.
+_NOT_IN_FINGERPRINT = {"resume", "checkpointing_steps", "checkpoints_total_limit"}
+
+
+def run(ctx: StepContext) -> dict[str, Any]:
+    section = ctx.config.lora
+    training = LoraTraining(
+        ctx.config, ctx.upstream_dir("step0_prepare"), ctx.upstream_dir("step1_textual_inversion"),
+        ctx.upstream_dir("step2_captions"), ctx.out_dir,
+    )
+    adapter = "DoRA" if section.use_dora else "LoRA"
+    task = ctx.progress.add_task(adapter, total=section.max_train_steps)
+
+    def on_step(step: int, loss: float) -> None:
+        ctx.progress.update(task, completed=step, description=f"{adapter} (loss {loss:.4f})")
+
+    result = training.run(on_step)
+    ctx.progress.update(task, visible=False)
+    return {
+        "pipeline": ctx.config.models.pipeline,
+        "adapter": adapter,
+        "rank": section.rank,
+        "alpha": section.alpha,
+        "processes": training.accelerator.num_processes,
+        "steps": len(result.losses),
+        "final_loss": result.losses[-1],
+        "trainable_parameters": result.trainable_parameters,
+        "optimizer": section.optimizer,
+        "optimizer_state_bits": result.optimizer_state_bits,
+        "weights_file": result.weights_file,
+        "resumed_from": result.resumed_from,
+        "validation_images": result.validation_images,
+    }
+
+
+STEP = Step(
+    name="step3_lora",
+    title="LoRA / DoRA fine-tuning on the class tokens and prompts",
+    run=run,
+    config_keys=(
+        "models.pipeline", "models.sd15", "models.sdxl", "data.classes", "run.seed", "run.mixed_precision",
+        *(f"lora.{key}" for key in LoraConfigSection.model_fields if key not in _NOT_IN_FINGERPRINT),
+    ),
+    requires=("step0_prepare", "step1_textual_inversion", "step2_captions"),
+    training=True,
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    step_main(STEP.name, argv)
+
+
+if __name__ == "__main__":
+    main()
