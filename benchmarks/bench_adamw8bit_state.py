@@ -19,7 +19,11 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from neu_det_pipeline.config import LoraConfigSection
-from neu_det_pipeline.training.lora import lora_config, make_optimizer, optimizer_state_bits
+from neu_det_pipeline.training.lora import (
+    lora_config,
+    make_optimizer,
+    optimizer_state_bits,
+)
 
 
 def sd15_like_unet() -> UNet2DConditionModel:

@@ -12,12 +12,9 @@ Each repeat times the steps after `--warmup`, alternating the two loops; the med
 
 from __future__ import annotations
 
-import argparse
 import random
-import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,23 +23,16 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
+from loop_comparison import compare, parse_args, prepared_run
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from neu_det_pipeline import step0_prepare
-from neu_det_pipeline.config import PipelineConfig, load_config
-from neu_det_pipeline.recipe import console, new_progress, run_step
-from neu_det_pipeline.testing.tiny_models import build_tiny_models
+from neu_det_pipeline.config import PipelineConfig
 from neu_det_pipeline.training.data import train_rows
 from neu_det_pipeline.training.loop import make_accelerator, weight_dtype
-from neu_det_pipeline.training.textual_inversion import ADAMW_WEIGHT_DECAY, TextualInversion
-
-
-def steps_per_second(stamps: list[float], warmup: int) -> float:
-    """Throughput from the time each optimizer step ended, the first `warmup` steps excluded."""
-    timed = stamps[warmup:]
-    return (len(timed) - 1) / (timed[-1] - timed[0])
+from neu_det_pipeline.training.textual_inversion import TextualInversion
 
 
 def step1_loop(config: PipelineConfig, step0_dir: Path, steps: int) -> list[float]:
@@ -101,7 +91,7 @@ def bare_diffusers_loop(config: PipelineConfig, step0_dir: Path, steps: int) -> 
 
     accelerator: Accelerator = make_accelerator(config)
     optimizer = torch.optim.AdamW(
-        text_encoder.get_input_embeddings().parameters(), lr=section.learning_rate, weight_decay=ADAMW_WEIGHT_DECAY
+        text_encoder.get_input_embeddings().parameters(), lr=section.learning_rate, weight_decay=section.weight_decay
     )
     dataloader = DataLoader(_TemplateImages(step0_dir, config, tokenizer), batch_size=section.train_batch_size, shuffle=True)
     lr_scheduler = get_scheduler("constant", optimizer)
@@ -139,49 +129,17 @@ def bare_diffusers_loop(config: PipelineConfig, step0_dir: Path, steps: int) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=Path("configs/smoke.yaml"))
-    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per timed run")
-    parser.add_argument("--warmup", type=int, default=5, help="steps excluded from each timing")
-    parser.add_argument("--repeats", type=int, default=5)
-    # On a shared 2-core CPU, two OpenMP threads made single runs swing tenfold; one thread is steady.
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        config = load_config(args.config, [
-            *args.overrides, f"run.output_dir={tmp}", "models.pipeline=sd15", "textual_inversion.lr_scheduler=constant",
-            "textual_inversion.gradient_accumulation_steps=1", f"textual_inversion.max_train_steps={args.steps}",
-            "textual_inversion.checkpointing_steps=1000000", "textual_inversion.validation_steps=1000000",
-            "textual_inversion.validation_inference_steps=1", "textual_inversion.num_validation_images=1",
-        ])
-        if config.run.tiny_models_dir is not None:
-            build_tiny_models(config.run.tiny_models_dir)
-        console.quiet = True  # Step 0's tables are not what is measured
-        with new_progress(disable=True) as quiet:
-            run_step(step0_prepare.STEP, config, quiet)
-        step0_dir = Path(tmp) / step0_prepare.STEP.name
-
-        loops: dict[str, Callable[[PipelineConfig, Path, int], list[float]]] = {
-            "step1": step1_loop, "bare diffusers": bare_diffusers_loop,
-        }
-        rates: dict[str, list[float]] = {name: [] for name in loops}
-        for repeat in range(args.repeats):
-            for name, loop in loops.items():
-                torch.manual_seed(repeat)
-                random.seed(repeat)
-                rates[name].append(steps_per_second(loop(config, step0_dir, args.steps), args.warmup))
-
-    section = config.textual_inversion
-    print(f"model {config.models.sd15}, batch {section.train_batch_size}, {section.resolution} px, "
-          f"{args.steps} steps ({args.warmup} warm-up) x {args.repeats} repeats, torch threads {torch.get_num_threads()}")
-    for name, values in rates.items():
-        print(f"{name:15s} median {statistics.median(values):7.2f} steps/s   runs {[round(v, 2) for v in values]}")
-    ratio = statistics.median(rates["step1"]) / statistics.median(rates["bare diffusers"])
-    print(f"ratio step1 / bare = {ratio:.3f} (target >= 0.95)")
+    args = parse_args(__doc__.splitlines()[0])
+    overrides = [
+        "models.pipeline=sd15", "textual_inversion.lr_scheduler=constant",
+        "textual_inversion.gradient_accumulation_steps=1", f"textual_inversion.max_train_steps={args.steps}",
+        "textual_inversion.checkpointing_steps=1000000", "textual_inversion.validation_steps=1000000",
+        "textual_inversion.validation_inference_steps=1", "textual_inversion.num_validation_images=1",
+    ]
+    with prepared_run(args, overrides, (step0_prepare.STEP,)) as (config, run_dir):
+        section = config.textual_inversion
+        print(f"model {config.models.sd15}, batch {section.train_batch_size}, {section.resolution} px")
+        compare({"step1": step1_loop, "bare diffusers": bare_diffusers_loop}, config, run_dir, args)
 
 
 if __name__ == "__main__":

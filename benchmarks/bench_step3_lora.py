@@ -14,12 +14,9 @@ gradient clipping, a gathered loss `.item()` per step for its logs). Each repeat
 
 from __future__ import annotations
 
-import argparse
 import random
-import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,27 +25,20 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
+from loop_comparison import compare, parse_args, prepared_run
 from peft import LoraConfig
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from neu_det_pipeline import step0_prepare, step1_textual_inversion, step2_captions
-from neu_det_pipeline.config import PipelineConfig, load_config
+from neu_det_pipeline.config import PipelineConfig
 from neu_det_pipeline.io import read_jsonl
-from neu_det_pipeline.recipe import console, new_progress, run_step
-from neu_det_pipeline.testing.tiny_models import build_tiny_models
 from neu_det_pipeline.training.data import train_rows
-from neu_det_pipeline.training.lora import CAPTIONS_FILE, LoraTraining
 from neu_det_pipeline.training.loop import make_accelerator, weight_dtype
+from neu_det_pipeline.training.lora import CAPTIONS_FILE, LoraTraining
 from neu_det_pipeline.training.textual_inversion import load_learned_embeddings
 
 MAX_GRAD_NORM = 1.0  # the example's default, and the shared loop's
-
-
-def steps_per_second(stamps: list[float], warmup: int) -> float:
-    """Throughput from the time each optimizer step ended, the first `warmup` steps excluded."""
-    timed = stamps[warmup:]
-    return (len(timed) - 1) / (timed[-1] - timed[0])
 
 
 def step3_loop(config: PipelineConfig, run_dir: Path, steps: int) -> list[float]:
@@ -139,59 +129,21 @@ def bare_diffusers_loop(config: PipelineConfig, run_dir: Path, steps: int) -> li
     return stamps
 
 
-def prepare_upstream(config: PipelineConfig) -> None:
-    """Steps 0-2 on the configured data; Step 1 for a single step, as only its tokens are needed."""
-    console.quiet = True  # their tables are not what is measured
-    with new_progress(disable=True) as quiet:
-        for step in (step0_prepare.STEP, step1_textual_inversion.STEP, step2_captions.STEP):
-            run_step(step, config, quiet)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=Path("configs/smoke.yaml"))
-    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per timed run")
-    parser.add_argument("--warmup", type=int, default=5, help="steps excluded from each timing")
-    parser.add_argument("--repeats", type=int, default=5)
-    # On a shared 2-core CPU, two OpenMP threads made single runs swing tenfold; one thread is steady.
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        config = load_config(args.config, [
-            *args.overrides, f"run.output_dir={tmp}", "models.pipeline=sd15",
-            "textual_inversion.max_train_steps=1", "textual_inversion.validation_inference_steps=1",
-            "lora.lr_scheduler=constant_with_warmup", "lora.lr_warmup_steps=0", "lora.gradient_accumulation_steps=1",
-            "lora.train_text_encoder=false", f"lora.max_train_steps={args.steps}",
-            "lora.checkpointing_steps=1000000", "lora.validation_steps=1000000",
-            "lora.validation_inference_steps=1", "lora.num_validation_images=1",
-        ])
-        if config.run.tiny_models_dir is not None:
-            build_tiny_models(config.run.tiny_models_dir)
-        prepare_upstream(config)
-        run_dir = Path(tmp)
-
-        loops: dict[str, Callable[[PipelineConfig, Path, int], list[float]]] = {
-            "step3": step3_loop, "bare diffusers": bare_diffusers_loop,
-        }
-        rates: dict[str, list[float]] = {name: [] for name in loops}
-        for repeat in range(args.repeats):
-            for name, loop in loops.items():
-                torch.manual_seed(repeat)
-                random.seed(repeat)
-                rates[name].append(steps_per_second(loop(config, run_dir, args.steps), args.warmup))
-
-    section = config.lora
-    print(f"model {config.models.sd15}, {'DoRA' if section.use_dora else 'LoRA'} rank {section.rank} on "
-          f"{', '.join(section.target_modules)}, {section.optimizer}, batch {section.train_batch_size}, {section.resolution} px, "
-          f"{args.steps} steps ({args.warmup} warm-up) x {args.repeats} repeats, torch threads {torch.get_num_threads()}")
-    for name, values in rates.items():
-        print(f"{name:15s} median {statistics.median(values):7.2f} steps/s   runs {[round(v, 2) for v in values]}")
-    ratio = statistics.median(rates["step3"]) / statistics.median(rates["bare diffusers"])
-    print(f"ratio step3 / bare = {ratio:.3f} (target >= 0.95)")
+    args = parse_args(__doc__.splitlines()[0])
+    overrides = [
+        "models.pipeline=sd15",
+        "textual_inversion.max_train_steps=1", "textual_inversion.validation_inference_steps=1",
+        "lora.lr_scheduler=constant_with_warmup", "lora.lr_warmup_steps=0", "lora.gradient_accumulation_steps=1",
+        "lora.train_text_encoder=false", f"lora.max_train_steps={args.steps}",
+        "lora.checkpointing_steps=1000000", "lora.validation_steps=1000000",
+        "lora.validation_inference_steps=1", "lora.num_validation_images=1",
+    ]
+    with prepared_run(args, overrides, (step0_prepare.STEP, step1_textual_inversion.STEP, step2_captions.STEP)) as (config, run_dir):
+        section = config.lora
+        print(f"model {config.models.sd15}, {'DoRA' if section.use_dora else 'LoRA'} rank {section.rank} on "
+              f"{', '.join(section.target_modules)}, {section.optimizer}, batch {section.train_batch_size}, {section.resolution} px")
+        compare({"step3": step3_loop, "bare diffusers": bare_diffusers_loop}, config, run_dir, args)
 
 
 if __name__ == "__main__":

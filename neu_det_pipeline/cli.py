@@ -21,7 +21,13 @@ from rich.table import Table
 
 from neu_det_pipeline.config import PipelineConfig, load_config
 from neu_det_pipeline.errors import PipelineError
-from neu_det_pipeline.recipe import Step, console, new_progress, run_step, step_output_dir
+from neu_det_pipeline.recipe import (
+    Step,
+    console,
+    new_progress,
+    run_step,
+    step_output_dir,
+)
 
 # bitsandbytes warns on every CPU import that an optional 4-bit kernel package is missing; it is not used here.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

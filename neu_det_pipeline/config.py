@@ -11,10 +11,17 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from neu_det_pipeline.errors import ConfigError
 
@@ -136,7 +143,48 @@ class ModelsConfig(Section):
     """Ultralytics detector weights or model YAML for the downstream detection test."""
 
 
-class TextualInversionConfig(Section):
+class TrainingSection(Section):
+    """Fields every fine-tuning step shares: schedule, checkpoints, validation, resume."""
+
+    RESUME_ONLY: ClassVar[frozenset[str]] = frozenset({"resume", "checkpointing_steps", "checkpoints_total_limit"})
+    """How to get there, not where: changing these must not wipe the checkpoints a resume needs."""
+
+    resolution: int = Field(512, ge=32)
+    """Training resolution (Step 0 copies are resized if needed)."""
+    train_batch_size: int = Field(4, ge=1)
+    """Images per device per step."""
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    """Micro-batches accumulated per optimizer step."""
+    max_train_steps: int = Field(2000, ge=1)
+    """Optimizer steps."""
+    learning_rate: float = Field(1e-4, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = Field(1e-2, ge=0)
+    """AdamW weight decay."""
+    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine_with_warmup", "onecycle"] = "constant_with_warmup"
+    """Learning-rate schedule."""
+    lr_warmup_steps: int = Field(100, ge=0)
+    """Warm-up steps of the schedule (OneCycle: its rising phase)."""
+    checkpointing_steps: int = Field(500, ge=1)
+    """Save a resumable checkpoint every N steps."""
+    checkpoints_total_limit: int = Field(2, ge=1)
+    """Checkpoints kept; older ones are deleted."""
+    validation_steps: int = Field(500, ge=1)
+    """Render validation images every N steps (and at the end)."""
+    num_validation_images: int = Field(1, ge=1)
+    """Seeded images per class in each validation grid."""
+    validation_inference_steps: int = Field(25, ge=1)
+    """Denoising steps for validation images."""
+    resume: str | None = None
+    """`latest` (or a checkpoint folder name) to continue an interrupted run."""
+
+    @classmethod
+    def outcome_keys(cls) -> list[str]:
+        """Fields that change what is trained: a change re-does the step."""
+        return [name for name in cls.model_fields if name not in cls.RESUME_ONLY]
+
+
+class TextualInversionConfig(TrainingSection):
     placeholder_format: str = "<neu-{cls}>"
     """Placeholder token per class; `{cls}` is replaced by the class name."""
     initializer_words: dict[str, str] = Field(
@@ -159,32 +207,12 @@ class TextualInversionConfig(Section):
         ]
     )
     """Training prompt templates; `{token}` is replaced by the class token."""
-    resolution: int = Field(512, ge=32)
-    """Training resolution (Step 0 copies are resized if needed)."""
-    train_batch_size: int = Field(4, ge=1)
-    """Images per device per step."""
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    """Micro-batches accumulated per optimizer step."""
     max_train_steps: int = Field(3000, ge=1)
     """Optimizer steps."""
     learning_rate: float = Field(5e-4, gt=0)
-    """Learning rate of the token embeddings."""
-    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine_with_warmup"] = "constant_with_warmup"
-    """Learning-rate schedule."""
-    lr_warmup_steps: int = Field(100, ge=0)
-    """Warm-up steps of the schedule."""
-    checkpointing_steps: int = Field(500, ge=1)
-    """Save a resumable checkpoint every N steps."""
-    checkpoints_total_limit: int = Field(2, ge=1)
-    """Checkpoints kept; older ones are deleted."""
-    validation_steps: int = Field(500, ge=1)
-    """Render a validation grid every N steps (and at the end)."""
+    """Learning rate of the token embeddings (they move far from their initial word)."""
     num_validation_images: int = Field(2, ge=1)
-    """Images per token in each validation grid."""
-    validation_inference_steps: int = Field(25, ge=1)
-    """Denoising steps for validation images."""
-    resume: str | None = None
-    """`latest` (or a checkpoint folder name) to continue an interrupted run."""
+    """Seeded images per class token in each validation grid."""
 
     @field_validator("placeholder_format")
     @classmethod
@@ -243,7 +271,7 @@ class CaptionsConfig(Section):
     """Length limit of BLIP-2 captions."""
 
 
-class LoraConfigSection(Section):
+class LoraConfigSection(TrainingSection):
     rank: int = Field(16, ge=1)
     """LoRA rank r."""
     alpha: int = Field(16, ge=1)
@@ -260,24 +288,8 @@ class LoraConfigSection(Section):
     """Text-encoder projections that get adapters when `train_text_encoder` is on."""
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     """`adamw8bit` uses bitsandbytes AdamW8bit with 8-bit state for every LoRA tensor."""
-    learning_rate: float = Field(1e-4, gt=0)
-    """Peak learning rate."""
-    weight_decay: float = Field(1e-2, ge=0)
-    """AdamW weight decay."""
-    lr_scheduler: Literal["constant_with_warmup", "cosine_with_warmup", "onecycle"] = "constant_with_warmup"
-    """Learning-rate schedule."""
-    lr_warmup_steps: int = Field(100, ge=0)
-    """Warm-up steps."""
-    resolution: int = Field(512, ge=32)
-    """Training resolution."""
-    train_batch_size: int = Field(4, ge=1)
-    """Images per device per step."""
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    """Micro-batches accumulated per optimizer step."""
     gradient_checkpointing: bool = False
     """Trade compute for memory in the UNet."""
-    max_train_steps: int = Field(2000, ge=1)
-    """Optimizer steps."""
     snr_gamma: float | None = None
     """Min-SNR loss weighting gamma (5.0 is typical); null disables it."""
     noise_offset: float = Field(0.0, ge=0)
@@ -288,18 +300,6 @@ class LoraConfigSection(Section):
     """Random vertical flips."""
     rot90: bool = True
     """Random 90-degree rotations (textures have no up direction)."""
-    checkpointing_steps: int = Field(500, ge=1)
-    """Save a resumable checkpoint every N steps."""
-    checkpoints_total_limit: int = Field(2, ge=1)
-    """Checkpoints kept."""
-    validation_steps: int = Field(500, ge=1)
-    """Render validation images every N steps (and at the end)."""
-    num_validation_images: int = Field(1, ge=1)
-    """Validation images per class."""
-    validation_inference_steps: int = Field(25, ge=1)
-    """Denoising steps for validation images."""
-    resume: str | None = None
-    """`latest` (or a checkpoint folder name) to continue an interrupted run."""
 
 
 class GenerationConfig(Section):

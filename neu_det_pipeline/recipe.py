@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from neu_det_pipeline.config import PipelineConfig, config_hash, dump_config
@@ -70,6 +77,19 @@ class StepContext:
             yield item
             self.progress.advance(task)
         self.progress.update(task, visible=False)
+
+    @contextlib.contextmanager
+    def loss_progress(self, label: str, total: int) -> Iterator[Callable[[int, float], None]]:
+        """A progress bar showing the latest loss; yields the `on_step(step, loss)` callback training calls."""
+        task = self.progress.add_task(label, total=total)
+
+        def on_step(step: int, loss: float) -> None:
+            self.progress.update(task, completed=step, description=f"{label} (loss {loss:.4f})")
+
+        try:
+            yield on_step
+        finally:
+            self.progress.update(task, visible=False)
 
     def skip(self, item: str, reason: str) -> None:
         """Record work that was skipped and why; it lands in summary.json."""

@@ -28,12 +28,22 @@ from rich.table import Table
 
 from neu_det_pipeline.cli import step_main
 from neu_det_pipeline.config import PipelineConfig, config_hash
-from neu_det_pipeline.data.export import box_mask, training_copy, write_yolo_data_yaml, yolo_label_lines
+from neu_det_pipeline.data.export import (
+    box_mask,
+    training_copy,
+    write_yolo_data_yaml,
+    yolo_label_lines,
+)
 from neu_det_pipeline.data.neu_det import Problem, Sample, discover, load_sample
 from neu_det_pipeline.data.split import SPLITS, stratified_split
 from neu_det_pipeline.data.visualize import class_stats, contact_sheet, stats_table
 from neu_det_pipeline.errors import DataError
-from neu_det_pipeline.io import atomic_write_bytes, atomic_write_text, save_image, write_jsonl
+from neu_det_pipeline.io import (
+    atomic_write_bytes,
+    atomic_write_text,
+    save_image,
+    write_jsonl,
+)
 from neu_det_pipeline.recipe import Step, StepContext, console
 
 T = TypeVar("T")

@@ -23,25 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from neu_det_pipeline.cli import step_main
-from neu_det_pipeline.config import TextualInversionConfig
 from neu_det_pipeline.recipe import Step, StepContext
+from neu_det_pipeline.training.loop import training_config_keys
 from neu_det_pipeline.training.textual_inversion import TextualInversion
-
-# How to get there, not where: resuming and checkpoint cadence leave the learned tokens unchanged,
-# so changing them must not make the recipe wipe the checkpoints a resume needs.
-_NOT_IN_FINGERPRINT = {"resume", "checkpointing_steps", "checkpoints_total_limit"}
 
 
 def run(ctx: StepContext) -> dict[str, Any]:
     section = ctx.config.textual_inversion
     training = TextualInversion(ctx.config, ctx.upstream_dir("step0_prepare"), ctx.out_dir)
-    task = ctx.progress.add_task("textual inversion", total=section.max_train_steps)
-
-    def on_step(step: int, loss: float) -> None:
-        ctx.progress.update(task, completed=step, description=f"textual inversion (loss {loss:.4f})")
-
-    result = training.run(on_step)
-    ctx.progress.update(task, visible=False)
+    with ctx.loss_progress("textual inversion", section.max_train_steps) as on_step:
+        result = training.run(on_step)
     return {
         "pipeline": ctx.config.models.pipeline,
         "processes": result.processes,
@@ -58,10 +49,7 @@ STEP = Step(
     name="step1_textual_inversion",
     title="textual inversion: one learned token per defect class",
     run=run,
-    config_keys=(
-        "models.pipeline", "models.sd15", "models.sdxl", "data.classes", "run.seed", "run.mixed_precision",
-        *(f"textual_inversion.{key}" for key in TextualInversionConfig.model_fields if key not in _NOT_IN_FINGERPRINT),
-    ),
+    config_keys=training_config_keys("textual_inversion"),
     requires=("step0_prepare",),
     training=True,
 )

@@ -21,13 +21,9 @@ from __future__ import annotations
 from typing import Any
 
 from neu_det_pipeline.cli import step_main
-from neu_det_pipeline.config import LoraConfigSection
 from neu_det_pipeline.recipe import Step, StepContext
+from neu_det_pipeline.training.loop import training_config_keys
 from neu_det_pipeline.training.lora import LoraTraining
-
-# How to get there, not where: resuming and checkpoint cadence leave the trained adapters unchanged,
-# so changing them must not make the recipe wipe the checkpoints a resume needs.
-_NOT_IN_FINGERPRINT = {"resume", "checkpointing_steps", "checkpoints_total_limit"}
 
 
 def run(ctx: StepContext) -> dict[str, Any]:
@@ -37,13 +33,8 @@ def run(ctx: StepContext) -> dict[str, Any]:
         ctx.upstream_dir("step2_captions"), ctx.out_dir,
     )
     adapter = "DoRA" if section.use_dora else "LoRA"
-    task = ctx.progress.add_task(adapter, total=section.max_train_steps)
-
-    def on_step(step: int, loss: float) -> None:
-        ctx.progress.update(task, completed=step, description=f"{adapter} (loss {loss:.4f})")
-
-    result = training.run(on_step)
-    ctx.progress.update(task, visible=False)
+    with ctx.loss_progress(adapter, section.max_train_steps) as on_step:
+        result = training.run(on_step)
     return {
         "pipeline": ctx.config.models.pipeline,
         "adapter": adapter,
@@ -65,10 +56,7 @@ STEP = Step(
     name="step3_lora",
     title="LoRA / DoRA fine-tuning on the class tokens and prompts",
     run=run,
-    config_keys=(
-        "models.pipeline", "models.sd15", "models.sdxl", "data.classes", "run.seed", "run.mixed_precision",
-        *(f"lora.{key}" for key in LoraConfigSection.model_fields if key not in _NOT_IN_FINGERPRINT),
-    ),
+    config_keys=training_config_keys("lora"),
     requires=("step0_prepare", "step1_textual_inversion", "step2_captions"),
     training=True,
 )

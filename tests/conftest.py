@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import subprocess
+import sys
 
 # Before any Hugging Face / ultralytics import: nothing in the tests may touch the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["YOLO_OFFLINE"] = "1"
 
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -75,3 +80,75 @@ def step0_sample_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("step0-sample")
     run_step(STEP, load_config(SMOKE_CONFIG, [f"run.output_dir={out}", f"data.root={SAMPLE_ROOT}", "run.tiny_models_dir=null"]))
     return out
+
+
+# Runs a training step's real module under `accelerate launch`; each rank also dumps its trained tensors.
+RANK_DUMP_SCRIPT = """
+import importlib
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+step_module, training_class_path, dump_dir, *argv = sys.argv[1:]
+module_name, class_name = training_class_path.rsplit(".", 1)
+training_class = getattr(importlib.import_module(module_name), class_name)
+train_and_save = training_class.run
+
+
+def run_and_dump(self, *args, **kwargs):
+    result = train_and_save(self, *args, **kwargs)
+    state = {name: tensor.cpu().contiguous() for name, tensor in self.trained_state().items()}
+    save_file(state, Path(dump_dir) / f"rank{self.accelerator.process_index}.safetensors")
+    return result
+
+
+training_class.run = run_and_dump
+importlib.import_module(step_module).main(argv)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_two_cpu_ranks(step_module: str, training_class: str, config_args: list[str], tmp_path: Path) -> list[dict]:
+    """Run a step with 2 gloo CPU ranks (`--multi_gpu` + ACCELERATE_USE_CPU: `--cpu` would start only one);
+    returns each rank's trained tensors after training."""
+    from safetensors.torch import load_file
+
+    script, dumps = tmp_path / "rank_dump.py", tmp_path / "ranks"
+    script.write_text(RANK_DUMP_SCRIPT)
+    dumps.mkdir()
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [*launch, str(script), step_module, training_class, str(dumps), *config_args]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [load_file(dumps / f"rank{rank}.safetensors") for rank in range(2)]
+
+
+@contextlib.contextmanager
+def crash_after_checkpoint(step: int) -> Iterator[None]:
+    """Training inside the block dies right after writing checkpoint `step`, like a killed job."""
+    from neu_det_pipeline.training.loop import Checkpoints
+
+    save = Checkpoints.save
+
+    def save_then_crash(self, at_step: int, *args):
+        path = save(self, at_step, *args)
+        if at_step == step:
+            raise RuntimeError("simulated crash")
+        return path
+
+    Checkpoints.save = save_then_crash
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            yield
+    finally:
+        Checkpoints.save = save

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, SMOKE_CONFIG
+
 from neu_det_pipeline.config import PipelineConfig, config_hash, load_config
 from neu_det_pipeline.errors import ConfigError
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from conftest import REPO, SMOKE_CONFIG, smoke_overrides
+
 from neu_det_pipeline.cli import STEP_MODULES
 from neu_det_pipeline.io import read_json
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SAMPLE_ROOT, SHARED_NEU_DET, SMOKE_CONFIG
 from PIL import Image
 
-from conftest import SAMPLE_ROOT, SHARED_NEU_DET, SMOKE_CONFIG
 from neu_det_pipeline.config import NEU_DET_CLASSES, load_config
 from neu_det_pipeline.data.export import box_pixel_bounds, boxes_from_yolo
 from neu_det_pipeline.data.neu_det import Box, class_from_stem

@@ -4,9 +4,7 @@ data-parallel ranks, SDXL, and one-line errors. Tiny random models on the real s
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,20 +14,30 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UniPCMultistepScheduler
+from conftest import (
+    REPO,
+    SMOKE_CONFIG,
+    crash_after_checkpoint,
+    launch_two_cpu_ranks,
+    smoke_overrides,
+)
+from diffusers import (
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UniPCMultistepScheduler,
+)
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from conftest import REPO, SMOKE_CONFIG, smoke_overrides
 from neu_det_pipeline.config import PipelineConfig, load_config
 from neu_det_pipeline.errors import PipelineError
 from neu_det_pipeline.io import read_json, read_jsonl, write_jsonl
 from neu_det_pipeline.recipe import run_step
 from neu_det_pipeline.step1_textual_inversion import STEP
-from neu_det_pipeline.training.diffusion import inference_pipeline
-from neu_det_pipeline.training.loop import Checkpoints
 from neu_det_pipeline.training import textual_inversion
+from neu_det_pipeline.training.diffusion import inference_pipeline
 from neu_det_pipeline.training.textual_inversion import (
     TextualInversion,
     TextualInversionResult,
@@ -180,7 +188,7 @@ def test_outputs(sd15_run) -> None:
 
 
 def test_resume_gives_the_losses_of_an_uninterrupted_run(
-    tiny_models_dir: Path, step0_sample_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_models_dir: Path, step0_sample_dir: Path, tmp_path: Path
 ) -> None:
     # Accumulation and a warm-up schedule on: resuming must restore the scheduler and skip whole steps;
     # a high learning rate makes any state lost on the way show in the losses.
@@ -194,19 +202,9 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(
     assert straight["final_loss"] == read_json(straight_out / STEP.name / "losses.json")[-1]
     assert [p.name for p in (straight_out / STEP.name / "checkpoints").iterdir()] == ["checkpoint-4"]  # retention
 
-    save = Checkpoints.save
-
-    def save_then_crash(self, step, *args):
-        path = save(self, step, *args)
-        if step == 2:
-            raise RuntimeError("simulated crash")
-        return path
-
     resumed_out = with_step0(step0_sample_dir, tmp_path / "resumed")
-    monkeypatch.setattr(Checkpoints, "save", save_then_crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_after_checkpoint(2):
         run_step(STEP, config_for(tiny_models_dir, resumed_out, *overrides))
-    monkeypatch.undo()
     # `resume` is not part of the step's fingerprint, so the interrupted run's folder is continued, not wiped.
     resumed = run_step(STEP, config_for(tiny_models_dir, resumed_out, *overrides, "textual_inversion.resume=latest"))
 
@@ -290,54 +288,13 @@ def test_mixed_precision_trains_fp32_tokens_through_half_precision_networks(
     assert saved.dtype == torch.float32
 
 
-# Runs the real step under `accelerate launch`; each rank also dumps its learned rows after training.
-RANK_DUMP_SCRIPT = """
-import sys
-from pathlib import Path
-
-from safetensors.torch import save_file
-
-from neu_det_pipeline import step1_textual_inversion
-from neu_det_pipeline.training.textual_inversion import TextualInversion
-
-train_and_save = TextualInversion.run
-
-
-def run_and_dump(self, *args, **kwargs):
-    result = train_and_save(self, *args, **kwargs)
-    state = {name: tensor.cpu().contiguous() for name, tensor in self.trained_state().items()}
-    save_file(state, Path(sys.argv[1]) / f"rank{self.accelerator.process_index}.safetensors")
-    return result
-
-
-TextualInversion.run = run_and_dump
-step1_textual_inversion.main(sys.argv[2:])
-"""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_processes_learn_identical_tokens(tiny_models_dir: Path, step0_sample_dir: Path, tmp_path: Path) -> None:
     out = with_step0(step0_sample_dir, tmp_path / "ddp")
     config_args = ["--config", str(SMOKE_CONFIG), *smoke_overrides(tiny_models_dir, out), *FAST, "textual_inversion.max_train_steps=2"]
-    script, dumps = tmp_path / "rank_dump.py", tmp_path / "ranks"
-    script.write_text(RANK_DUMP_SCRIPT)
-    dumps.mkdir()
-    launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-    ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([*launch, str(script), str(dumps), *config_args], capture_output=True, text=True, cwd=REPO, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = launch_two_cpu_ranks("neu_det_pipeline.step1_textual_inversion", "neu_det_pipeline.training.textual_inversion.TextualInversion", config_args, tmp_path)
 
     summary = read_json(out / STEP.name / "summary.json")
     assert summary["status"] == "complete" and summary["processes"] == 2 and summary["steps"] == 2
-    rank0, rank1 = load_file(dumps / "rank0.safetensors"), load_file(dumps / "rank1.safetensors")
     # Each rank sees different images: without gradient averaging their tokens would drift apart.
     assert torch.equal(rank0["text_encoder"], rank1["text_encoder"])
     saved = load_file(out / STEP.name / "learned_embeds-crazing.safetensors")["<neu-crazing>"]

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, SMOKE_CONFIG, smoke_overrides
 from PIL import Image
 
-from conftest import REPO, SMOKE_CONFIG, smoke_overrides
 from neu_det_pipeline.captions import (
     CaptionAnnotator,
     EnsembleRanker,

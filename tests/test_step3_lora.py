@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,12 +19,18 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from conftest import (
+    REPO,
+    SMOKE_CONFIG,
+    crash_after_checkpoint,
+    launch_two_cpu_ranks,
+    smoke_overrides,
+)
 from diffusers import DiffusionPipeline
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, SMOKE_CONFIG, smoke_overrides
 from neu_det_pipeline.config import NEU_DET_CLASSES, PipelineConfig
 from neu_det_pipeline.errors import ConfigError, MissingStepOutputError, PipelineError
 from neu_det_pipeline.io import read_json, read_jsonl, write_json, write_jsonl
@@ -33,9 +38,16 @@ from neu_det_pipeline.recipe import run_step
 from neu_det_pipeline.step3_lora import STEP
 from neu_det_pipeline.training import lora
 from neu_det_pipeline.training.data import collate
-from neu_det_pipeline.training.diffusion import denoising_loss, encode_prompts, inference_pipeline
-from neu_det_pipeline.training.lora import LORA_WEIGHTS_FILE, LoraTraining, optimizer_state_bits
-from neu_det_pipeline.training.loop import Checkpoints
+from neu_det_pipeline.training.diffusion import (
+    denoising_loss,
+    encode_prompts,
+    inference_pipeline,
+)
+from neu_det_pipeline.training.lora import (
+    LORA_WEIGHTS_FILE,
+    LoraTraining,
+    optimizer_state_bits,
+)
 from neu_det_pipeline.training.textual_inversion import load_learned_embeddings
 
 # Small and fast: 32 px, validation with one denoising step, only at the end.
@@ -203,7 +215,7 @@ def test_adamw8bit_keeps_8bit_state_for_every_adapter_tensor(step3_config) -> No
     assert optimizer_state_bits(default)[32] == len(params)
 
 
-def test_resume_gives_the_losses_of_an_uninterrupted_run(step3_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_gives_the_losses_of_an_uninterrupted_run(step3_config, tmp_path: Path) -> None:
     # Accumulation on: resuming must skip whole optimizer steps of micro-batches; the 8-bit optimizer state
     # (quantised moments and their block scales) must come back exactly from the checkpoint.
     overrides = (
@@ -213,18 +225,8 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(step3_config, tmp_path:
     straight = run_step(STEP, step3_config(*overrides, output_dir=tmp_path / "straight"))
     assert straight["resumed_from"] is None and straight["steps"] == 4
 
-    save = Checkpoints.save
-
-    def save_then_crash(self, step, *args):
-        path = save(self, step, *args)
-        if step == 2:
-            raise RuntimeError("simulated crash")
-        return path
-
-    monkeypatch.setattr(Checkpoints, "save", save_then_crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_after_checkpoint(2):
         run_step(STEP, step3_config(*overrides, output_dir=tmp_path / "resumed"))
-    monkeypatch.undo()
     resumed = run_step(STEP, step3_config(*overrides, "lora.resume=latest", output_dir=tmp_path / "resumed"))
 
     assert resumed["resumed"] and resumed["resumed_from"] == "checkpoint-2"
@@ -259,57 +261,16 @@ def test_mixed_precision_trains_fp32_adapters_on_half_precision_weights(step3_co
     assert {tensor.dtype for tensor in load_file(result.weights_file).values()} == {torch.float32}
 
 
-# Runs the real step under `accelerate launch`; each rank also dumps its adapter weights after training.
-RANK_DUMP_SCRIPT = """
-import sys
-from pathlib import Path
-
-from safetensors.torch import save_file
-
-from neu_det_pipeline import step3_lora
-from neu_det_pipeline.training.lora import LoraTraining
-
-train_and_save = LoraTraining.run
-
-
-def run_and_dump(self, *args, **kwargs):
-    result = train_and_save(self, *args, **kwargs)
-    state = {name: tensor.cpu().contiguous() for name, tensor in self.trained_state().items()}
-    save_file(state, Path(sys.argv[1]) / f"rank{self.accelerator.process_index}.safetensors")
-    return result
-
-
-LoraTraining.run = run_and_dump
-step3_lora.main(sys.argv[2:])
-"""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_processes_train_identical_adapters(step3_config, tiny_models_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     # The most demanding setup for DDP: SDXL, DoRA on the UNet and both text encoders, 8-bit optimizer state.
     overrides = ["models.pipeline=sdxl", "lora.use_dora=true", "lora.train_text_encoder=true", "lora.optimizer=adamw8bit", "lora.max_train_steps=2"]
     step3_config(*overrides, output_dir=out)  # writes the upstream outputs
     config_args = ["--config", str(SMOKE_CONFIG), *smoke_overrides(tiny_models_dir, out), *FAST, *overrides]
-    script, dumps = tmp_path / "rank_dump.py", tmp_path / "ranks"
-    script.write_text(RANK_DUMP_SCRIPT)
-    dumps.mkdir()
-    launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-    ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([*launch, str(script), str(dumps), *config_args], capture_output=True, text=True, cwd=REPO, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = launch_two_cpu_ranks("neu_det_pipeline.step3_lora", "neu_det_pipeline.training.lora.LoraTraining", config_args, tmp_path)
 
     summary = read_json(out / STEP.name / "summary.json")
     assert summary["status"] == "complete" and summary["processes"] == 2 and summary["steps"] == 2
-    rank0, rank1 = load_file(dumps / "rank0.safetensors"), load_file(dumps / "rank1.safetensors")
     assert rank0.keys() == rank1.keys() and rank0
     assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
     assert any(key.endswith("lora_B.default.weight") and rank0[key].abs().max() > 0 for key in rank0)  # they trained

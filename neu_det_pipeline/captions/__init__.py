@@ -16,10 +16,24 @@ from neu_det_pipeline.captions.dataset import (
     read_train_images,
     write_imagefolder_metadata,
 )
-from neu_det_pipeline.captions.prompts import build_prompt, keyword_candidates, render_variants
-from neu_det_pipeline.captions.ranking import EnsembleRanker, Ranking, ensemble_scores, zscore
+from neu_det_pipeline.captions.prompts import (
+    build_prompt,
+    keyword_candidates,
+    render_variants,
+)
+from neu_det_pipeline.captions.ranking import (
+    EnsembleRanker,
+    Ranking,
+    ensemble_scores,
+    zscore,
+)
 from neu_det_pipeline.captions.report import keyword_table, top_keywords_by_class
-from neu_det_pipeline.captions.scorers import CLIPScorer, OpenCLIPScorer, Scorer, load_scorer
+from neu_det_pipeline.captions.scorers import (
+    CLIPScorer,
+    OpenCLIPScorer,
+    Scorer,
+    load_scorer,
+)
 
 __all__ = [
     "DATASET_DIR",

@@ -11,7 +11,6 @@ from PIL import Image
 
 from neu_det_pipeline.captions.blip2 import Blip2Captioner
 from neu_det_pipeline.captions.dataset import TrainImage
-from neu_det_pipeline.models import inference_dtype, resolve_device
 from neu_det_pipeline.captions.prompts import (
     build_prompt,
     check_templates,
@@ -22,6 +21,7 @@ from neu_det_pipeline.captions.prompts import (
 from neu_det_pipeline.captions.ranking import EnsembleRanker, Ranking
 from neu_det_pipeline.captions.scorers import load_scorer
 from neu_det_pipeline.config import CaptionsConfig, PipelineConfig
+from neu_det_pipeline.models import inference_dtype, resolve_device
 
 SCORE_DECIMALS = 6
 """Scores are stored rounded: stable files, and no false precision."""

@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
-from neu_det_pipeline.models import LOCAL_DIR_PREFIX, load_model
 from neu_det_pipeline.config import ModelsConfig
 from neu_det_pipeline.errors import ConfigError
+from neu_det_pipeline.models import LOCAL_DIR_PREFIX, load_model
 
 OPEN_CLIP_HUB_PREFIX = "hf-hub:"
 OPEN_CLIP_PRECISION = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}

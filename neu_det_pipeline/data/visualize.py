@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+
 from PIL import Image, ImageDraw, ImageFont
 from rich.table import Table
 

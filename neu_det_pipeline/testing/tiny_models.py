@@ -64,15 +64,19 @@ from transformers import (
     CLIPVisionConfig,
     DepthAnythingConfig,
     DepthAnythingForDepthEstimation,
+    Dinov2Config,
     DINOv3ViTConfig,
     DINOv3ViTImageProcessor,
     DINOv3ViTModel,
-    Dinov2Config,
     DPTImageProcessor,
     OPTConfig,
 )
 
-from neu_det_pipeline.testing.make_tokenizer_assets import ASSETS_DIR, CLIP_TOKENIZER, GPT2_TOKENIZER
+from neu_det_pipeline.testing.make_tokenizer_assets import (
+    ASSETS_DIR,
+    CLIP_TOKENIZER,
+    GPT2_TOKENIZER,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -29,10 +29,28 @@ from torch.utils.data import DataLoader
 from neu_det_pipeline.config import PipelineConfig
 from neu_det_pipeline.errors import PipelineError
 from neu_det_pipeline.models import resolve_device
-from neu_det_pipeline.training.data import DefectImageDataset, SeededOrderSampler, collate
-from neu_det_pipeline.training.diffusion import DiffusionComponents, denoising_loss, encode_prompts
+from neu_det_pipeline.training.data import (
+    DefectImageDataset,
+    SeededOrderSampler,
+    collate,
+)
+from neu_det_pipeline.training.diffusion import (
+    DiffusionComponents,
+    denoising_loss,
+    encode_prompts,
+)
 
 CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def training_config_keys(section: str) -> tuple[str, ...]:
+    """Config keys a fine-tuning step's result depends on: the base model, classes, seed, precision and the
+    section's outcome keys (not its resume and checkpoint cadence, so `resume=latest` keeps the checkpoints)."""
+    section_type = PipelineConfig.model_fields[section].annotation
+    return (
+        "models.pipeline", "models.sd15", "models.sdxl", "data.classes", "run.seed", "run.mixed_precision",
+        *(f"{section}.{key}" for key in section_type.outcome_keys()),
+    )
 
 
 def make_accelerator(config: PipelineConfig) -> Accelerator:

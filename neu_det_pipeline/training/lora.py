@@ -24,15 +24,18 @@ from typing import Any
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.training_utils import cast_training_params
-from diffusers.utils import make_image_grid
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from neu_det_pipeline.config import LoraConfigSection, PipelineConfig
 from neu_det_pipeline.errors import MissingStepOutputError, PipelineError
-from neu_det_pipeline.io import read_json, read_jsonl, save_image, write_json
+from neu_det_pipeline.io import read_json, read_jsonl
 from neu_det_pipeline.training.data import DefectImageDataset, train_rows
-from neu_det_pipeline.training.diffusion import DiffusionComponents, inference_pipeline, load_components
+from neu_det_pipeline.training.diffusion import (
+    DiffusionComponents,
+    inference_pipeline,
+    load_components,
+)
 from neu_det_pipeline.training.loop import (
     TrainingSettings,
     TrainingTask,
@@ -42,13 +45,16 @@ from neu_det_pipeline.training.loop import (
     train,
     weight_dtype,
 )
-from neu_det_pipeline.training.textual_inversion import TEXT_ENCODER_NAMES, TOKEN_MAP_FILE, load_learned_embeddings
+from neu_det_pipeline.training.reporting import save_losses, save_validation_grid
+from neu_det_pipeline.training.textual_inversion import (
+    TEXT_ENCODER_NAMES,
+    TOKEN_MAP_FILE,
+    load_learned_embeddings,
+)
 
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 """diffusers' default LoRA file name: `pipe.load_lora_weights(folder)` finds it."""
 CAPTIONS_FILE = "captions.jsonl"
-LOSSES_FILE = "losses.json"
-VALIDATION_DIR = "validation"
 SUGGESTED_TARGETS = 12
 """Valid target names listed when a configured one matches nothing."""
 
@@ -321,27 +327,13 @@ class LoraTraining:
             for module, training in modes.items():
                 module.train(training)
 
-    @torch.no_grad()
     def validate(self, step: int) -> Path:
-        """A grid with one row per class and `num_validation_images` seeded images per row."""
-        section = self.section
-        pipe = inference_pipeline(self.components)
-        pipe.set_progress_bar_config(disable=True)
-        images = []
-        with self._eval_mode(), self.accelerator.autocast():
-            for prompt in self.validation_prompts.values():
-                # CPU generators give the same starting noise on every device.
-                generators = [torch.Generator().manual_seed(self.config.run.seed + i) for i in range(section.num_validation_images)]
-                images += pipe(
-                    prompt,
-                    num_images_per_prompt=section.num_validation_images,
-                    num_inference_steps=section.validation_inference_steps,
-                    height=section.resolution,
-                    width=section.resolution,
-                    generator=generators,
-                ).images
-        grid = make_image_grid(images, rows=len(self.validation_prompts), cols=section.num_validation_images)
-        return save_image(grid, self.out_dir / VALIDATION_DIR / f"step-{step:06d}.png")
+        """One row per class, `num_validation_images` seeded images per row, adapters in eval mode."""
+        with self._eval_mode():
+            return save_validation_grid(
+                self.components, self.accelerator, list(self.validation_prompts.values()), self.section,
+                self.config.run.seed, self.out_dir, step,
+            )
 
     def run(self, on_step: Callable[[int, float], None] = lambda step, loss: None) -> LoraResult:
         """Train (or resume) to `max_train_steps`; rank 0 then writes the LoRA weights and the losses."""
@@ -358,6 +350,6 @@ class LoraTraining:
         )
         if self.accelerator.is_main_process:
             result.weights_file = str(save_lora_weights(self.components.family, self.modules, self.out_dir))
-            write_json(self.out_dir / LOSSES_FILE, trained.losses)
+            save_losses(trained.losses, self.out_dir, f"{'DoRA' if self.section.use_dora else 'LoRA'} training loss")
         self.accelerator.wait_for_everyone()
         return result

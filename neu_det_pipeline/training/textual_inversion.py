@@ -18,7 +18,6 @@ or all classes at once with :func:`load_learned_embeddings` (reads `token_map.js
 
 from __future__ import annotations
 
-import io
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,15 +26,14 @@ from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
-from diffusers.utils import make_image_grid
 from safetensors.torch import save_file
 from transformers import CLIPTokenizer, PreTrainedModel
 
 from neu_det_pipeline.config import PipelineConfig, TextualInversionConfig
 from neu_det_pipeline.errors import PipelineError
-from neu_det_pipeline.io import atomic_write_bytes, read_json, save_image, write_json
+from neu_det_pipeline.io import read_json, write_json
 from neu_det_pipeline.training.data import DefectImageDataset, PromptFn, train_rows
-from neu_det_pipeline.training.diffusion import inference_pipeline, load_components
+from neu_det_pipeline.training.diffusion import load_components
 from neu_det_pipeline.training.loop import (
     TrainingSettings,
     TrainingTask,
@@ -45,17 +43,14 @@ from neu_det_pipeline.training.loop import (
     train,
     weight_dtype,
 )
+from neu_det_pipeline.training.reporting import save_losses, save_validation_grid
 
 TOKEN_MAP_FILE = "token_map.json"
-LOSSES_FILE = "losses.json"
-LOSS_PLOT_FILE = "loss.png"
-VALIDATION_DIR = "validation"
 # Pipeline attribute names of the text encoders / tokenizers, in `DiffusionComponents` order.
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
 TOKENIZER_NAMES = ("tokenizer", "tokenizer_2")
 # Embedding file stem per text encoder, as in diffusers' textual_inversion_sdxl.py.
 EMBEDDING_STEMS = ("learned_embeds", "learned_embeds_2")
-ADAMW_WEIGHT_DECAY = 1e-2  # diffusers' textual_inversion.py default (--adam_weight_decay)
 
 
 @dataclass
@@ -173,20 +168,6 @@ def load_learned_embeddings(pipe: DiffusionPipeline, step1_dir: Path) -> dict[st
     return {name: entry["token"] for name, entry in token_map.items()}
 
 
-def save_loss_plot(losses: list[float], path: Path) -> Path:
-    from matplotlib.figure import Figure  # imported here: only rank 0 plots, once, at the end
-    from matplotlib.ticker import MaxNLocator
-
-    figure = Figure(figsize=(6, 3), layout="tight")
-    axes = figure.subplots()
-    axes.plot(range(1, len(losses) + 1), losses, linewidth=0.8)
-    axes.set(xlabel="optimizer step", ylabel="loss", title="textual inversion training loss")
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    return atomic_write_bytes(path, buffer.getvalue())
-
-
 @dataclass
 class TextualInversionResult:
     losses: list[float]
@@ -231,7 +212,7 @@ class TextualInversion:
         )
         self.dataloader = make_dataloader(dataset, self.settings, self.accelerator.num_processes, config.run.seed)
         self.optimizer = torch.optim.AdamW(
-            [rows.weight for rows in self.rows], lr=section.learning_rate, weight_decay=ADAMW_WEIGHT_DECAY
+            [rows.weight for rows in self.rows], lr=section.learning_rate, weight_decay=section.weight_decay
         )
         self.lr_scheduler = make_lr_scheduler(
             section.lr_scheduler, self.optimizer, section.lr_warmup_steps, section.max_train_steps
@@ -259,27 +240,12 @@ class TextualInversion:
         for rows in self.rows:
             rows.restore_frozen_rows()
 
-    @torch.no_grad()
     def validate(self, step: int) -> Path:
-        """A grid with one row per class token and `num_validation_images` seeded images per row."""
-        section = self.section
-        pipe = inference_pipeline(self.components)
-        pipe.set_progress_bar_config(disable=True)
-        images = []
-        for token in self.tokens.values():
-            # CPU generators give the same starting noise on every device.
-            generators = [torch.Generator().manual_seed(self.config.run.seed + i) for i in range(section.num_validation_images)]
-            with self.accelerator.autocast():
-                images += pipe(
-                    section.templates[0].format(token=token),
-                    num_images_per_prompt=section.num_validation_images,
-                    num_inference_steps=section.validation_inference_steps,
-                    height=section.resolution,
-                    width=section.resolution,
-                    generator=generators,
-                ).images
-        grid = make_image_grid(images, rows=len(self.tokens), cols=section.num_validation_images)
-        return save_image(grid, self.out_dir / VALIDATION_DIR / f"step-{step:06d}.png")
+        """One row per class token (first template), `num_validation_images` seeded images per row."""
+        prompts = [self.section.templates[0].format(token=token) for token in self.tokens.values()]
+        return save_validation_grid(
+            self.components, self.accelerator, prompts, self.section, self.config.run.seed, self.out_dir, step
+        )
 
     def run(self, on_step: Callable[[int, float], None] = lambda step, loss: None) -> TextualInversionResult:
         """Train (or resume) to `max_train_steps`; rank 0 then writes embeddings, token map and losses."""
@@ -296,7 +262,6 @@ class TextualInversion:
             write_json(self.out_dir / TOKEN_MAP_FILE, {
                 name: {"token": token, "files": result.files[name]} for name, token in self.tokens.items()
             })
-            write_json(self.out_dir / LOSSES_FILE, trained.losses)
-            save_loss_plot(trained.losses, self.out_dir / LOSS_PLOT_FILE)
+            save_losses(trained.losses, self.out_dir, "textual inversion training loss")
         self.accelerator.wait_for_everyone()
         return result
