@@ -281,7 +281,9 @@ def test_mixed_precision_trains_fp32_tokens_through_half_precision_networks(
     training, result = train_in_memory(config_for(
         tiny_models_dir, out, f"models.pipeline={pipeline}", "textual_inversion.max_train_steps=2", "textual_inversion.validation_steps=2",
     ))
-    assert training.components.unet.dtype == training.components.vae.dtype == torch.bfloat16
+    assert training.components.unet.dtype == torch.bfloat16
+    # The SDXL VAE overflows in half precision, so it stays fp32 like in diffusers' SDXL scripts.
+    assert training.components.vae.dtype == (torch.float32 if pipeline == "sdxl" else torch.bfloat16)
     assert all(rows.weight.dtype == torch.float32 for rows in training.rows)
     assert np.isfinite(result.losses).all() and len(result.validation_images) == 1
     saved = load_file(training.out_dir / "learned_embeds-crazing.safetensors")["<neu-crazing>"]

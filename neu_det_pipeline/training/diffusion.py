@@ -40,6 +40,15 @@ class DiffusionComponents:
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type
 
+    def place(self, device: torch.device, dtype: torch.dtype, text_encoder_dtype: torch.dtype | None = None) -> None:
+        """Move to `device`: frozen weights in `dtype` (half precision under mixed precision), text encoders in
+        `text_encoder_dtype` when they hold trained fp32 weights. The SDXL VAE stays fp32 whatever `dtype`:
+        it overflows in fp16 (NaN latents), which is why diffusers' SDXL scripts upcast it too."""
+        self.vae.to(device, torch.float32 if self.family == "sdxl" else dtype)
+        self.unet.to(device, dtype)
+        for encoder in self.text_encoders:
+            encoder.to(device, text_encoder_dtype or dtype)
+
     def freeze(self) -> None:
         """Freeze every weight; each step then unfreezes exactly what it trains."""
         for module in (self.vae, self.unet, *self.text_encoders):

@@ -100,7 +100,10 @@ class Checkpoints:
             raise PipelineError(f"resume={resume}: no such checkpoint in {self.root} (available: {names}); use resume=latest")
         return match
 
-    def save(self, step: int, tensors: dict[str, torch.Tensor], optimizer, lr_scheduler, losses: list[float]) -> Path:
+    def save(
+        self, step: int, tensors: dict[str, torch.Tensor], optimizer, lr_scheduler, losses: list[float], scaler=None
+    ) -> Path:
+        """`scaler`: the fp16 gradient scaler, whose loss scale an exact resume needs too."""
         final = self.root / f"{CHECKPOINT_PREFIX}{step}"
         tmp = self.root / f".{final.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -108,6 +111,8 @@ class Checkpoints:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / "trained.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
+        if scaler is not None:
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -116,9 +121,11 @@ class Checkpoints:
         return final
 
     @staticmethod
-    def load(path: Path, optimizer, lr_scheduler) -> tuple[int, dict[str, torch.Tensor], list[float]]:
+    def load(path: Path, optimizer, lr_scheduler, scaler=None) -> tuple[int, dict[str, torch.Tensor], list[float]]:
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        if scaler is not None and (path / "scaler.pt").is_file():
+            scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
         state = json.loads((path / "state.json").read_text())
         return state["step"], load_file(path / "trained.safetensors"), state["losses"]
 
@@ -212,7 +219,7 @@ def train(
     resume_from = checkpoints.find(settings.resume)
     start, losses = 0, []
     if resume_from is not None:
-        start, tensors, losses = Checkpoints.load(resume_from, optimizer, lr_scheduler)
+        start, tensors, losses = Checkpoints.load(resume_from, optimizer, lr_scheduler, accelerator.scaler)
         task.load_trained_state(tensors)
     model, optimizer, dataloader = accelerator.prepare(_LossModule(task.model, components, settings), optimizer, dataloader)
     if start:
@@ -241,7 +248,7 @@ def train(
         on_step(done, losses[-1])
         if accelerator.is_main_process:
             if done % settings.checkpointing_steps == 0 or done == settings.max_train_steps:
-                checkpoints.save(done, task.trained_state(), optimizer, lr_scheduler, losses)
+                checkpoints.save(done, task.trained_state(), optimizer, lr_scheduler, losses, accelerator.scaler)
             if done % settings.validation_steps == 0 or done == settings.max_train_steps:
                 validation_images.append(str(task.validate(done)))
         accelerator.wait_for_everyone()

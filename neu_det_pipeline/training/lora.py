@@ -275,11 +275,7 @@ class LoraTraining:
             first_prompts.setdefault(row["class"], prompts[row["id"]])
         self.validation_prompts = {name: first_prompts[name] for name in config.data.classes if name in first_prompts}
 
-        device, dtype = self.accelerator.device, weight_dtype(self.accelerator)
-        # The SDXL VAE overflows in fp16 (NaN latents); diffusers' SDXL scripts keep it in fp32 as well.
-        components.vae.to(device, torch.float32 if components.family == "sdxl" else dtype)
-        for module in (components.unet, *components.text_encoders):
-            module.to(device, dtype)
+        components.place(self.accelerator.device, weight_dtype(self.accelerator))  # adapters are cast to fp32 below
         torch.manual_seed(config.run.seed)  # adapter initialisation draws from the global RNG: same seed, same run
         self.modules = add_lora_adapters(components, section)
         if section.gradient_checkpointing:

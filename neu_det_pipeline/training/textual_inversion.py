@@ -195,14 +195,11 @@ class TextualInversion:
             out_dir.mkdir(parents=True, exist_ok=True)
         # Under the recipe, rank 0 prepares (possibly wipes) out_dir first; no rank may read it before that.
         self.accelerator.wait_for_everyone()
-        device = self.accelerator.device
         self.components = load_components(config)
-        # Frozen networks in half precision under mixed precision; the text encoders hold the trained
-        # (fp32) rows and stay fp32, accelerate's autocast runs them in half precision.
-        self.components.vae.to(device, weight_dtype(self.accelerator))
-        self.components.unet.to(device, weight_dtype(self.accelerator))
+        # The text encoders hold the trained (fp32) rows; accelerate's autocast runs them in half precision.
+        self.components.place(self.accelerator.device, weight_dtype(self.accelerator), text_encoder_dtype=torch.float32)
         self.rows = [
-            add_placeholder_tokens(tokenizer, encoder.to(device), self.tokens, words)
+            add_placeholder_tokens(tokenizer, encoder, self.tokens, words)
             for tokenizer, encoder in zip(self.components.tokenizers, self.components.text_encoders)
         ]
         self.settings = TrainingSettings.from_section(section)

@@ -1,0 +1,79 @@
+"""The shared training core on its own: checkpoints, LR schedules, data order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from neu_det_pipeline.config import LoraConfigSection, TextualInversionConfig
+from neu_det_pipeline.errors import PipelineError
+from neu_det_pipeline.training.data import SeededOrderSampler
+from neu_det_pipeline.training.loop import Checkpoints, make_lr_scheduler, training_config_keys
+
+
+def _optimizer() -> torch.optim.Optimizer:
+    return torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=1.0)
+
+
+def test_checkpoints_keep_the_newest_and_restore_everything(tmp_path: Path) -> None:
+    checkpoints = Checkpoints(tmp_path / "checkpoints", limit=2)
+    optimizer = _optimizer()
+    scheduler = make_lr_scheduler("constant_with_warmup", optimizer, warmup_steps=4, total_steps=10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1234.0)
+    for step in (1, 2, 3):
+        optimizer.step()
+        scheduler.step()
+        checkpoints.save(step, {"w": torch.full((3,), float(step))}, optimizer, scheduler, [0.5] * step, scaler)
+    assert [p.name for p in checkpoints.all()] == ["checkpoint-2", "checkpoint-3"]
+    assert not list((tmp_path / "checkpoints").glob(".*tmp"))
+
+    fresh_optimizer = _optimizer()
+    fresh_scheduler = make_lr_scheduler("constant_with_warmup", fresh_optimizer, warmup_steps=4, total_steps=10)
+    fresh_scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    step, tensors, losses = Checkpoints.load(checkpoints.find("latest"), fresh_optimizer, fresh_scheduler, fresh_scaler)
+    assert step == 3 and losses == [0.5] * 3 and torch.equal(tensors["w"], torch.full((3,), 3.0))
+    assert fresh_scheduler.state_dict()["last_epoch"] == 3
+    assert fresh_optimizer.param_groups[0]["lr"] == pytest.approx(0.75)  # 3 of 4 warm-up steps
+    assert fresh_scaler.get_scale() == 1234.0
+
+
+def test_resume_names_are_checked(tmp_path: Path) -> None:
+    checkpoints = Checkpoints(tmp_path, limit=1)
+    assert checkpoints.find(None) is None and checkpoints.find("latest") is None
+    with pytest.raises(PipelineError, match="no such checkpoint .* use resume=latest"):
+        checkpoints.find("checkpoint-7")
+
+
+@pytest.mark.parametrize("name", ["constant", "constant_with_warmup", "cosine_with_warmup", "onecycle"])
+def test_every_configured_schedule_builds_and_warms_up(name: str) -> None:
+    optimizer = _optimizer()
+    scheduler = make_lr_scheduler(name, optimizer, warmup_steps=5, total_steps=20)
+    rates = []
+    for _ in range(20):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    if name == "constant":
+        assert rates == [1.0] * 20
+    else:
+        assert rates[0] < rates[5] and max(rates) == pytest.approx(1.0, rel=1e-3)
+    if name in ("cosine_with_warmup", "onecycle"):
+        assert rates[-1] < 0.1
+
+
+def test_data_order_depends_only_on_seed_and_position() -> None:
+    full = list(SeededOrderSampler(dataset_size=5, num_samples=12, seed=3))
+    assert [position for _, position in full] == list(range(12))
+    assert sorted(index for index, _ in full[:5]) == list(range(5))  # each epoch is a permutation
+    assert full == list(SeededOrderSampler(5, 12, 3))
+    assert full != list(SeededOrderSampler(5, 12, 4))
+
+
+def test_fingerprint_keys_leave_out_resume_and_checkpoint_cadence() -> None:
+    for section, section_type in (("lora", LoraConfigSection), ("textual_inversion", TextualInversionConfig)):
+        keys = training_config_keys(section)
+        assert f"{section}.resume" not in keys and f"{section}.checkpointing_steps" not in keys
+        assert f"{section}.learning_rate" in keys and "models.sd15" in keys
+        assert len([k for k in keys if k.startswith(section)]) == len(section_type.model_fields) - 3
