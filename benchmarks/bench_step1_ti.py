@@ -29,17 +29,19 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from neu_det_pipeline import step0_prepare
+from neu_det_pipeline.artifacts import train_rows
 from neu_det_pipeline.config import PipelineConfig
-from neu_det_pipeline.training.data import train_rows
 from neu_det_pipeline.training.loop import make_accelerator, weight_dtype
 from neu_det_pipeline.training.textual_inversion import TextualInversion
 
+STEP0 = step0_prepare.STEP.name
 
-def step1_loop(config: PipelineConfig, step0_dir: Path, steps: int) -> list[float]:
+
+def step1_loop(config: PipelineConfig, run_dir: Path, steps: int) -> list[float]:
     """Step 1's own training (library + shared core); returns the end time of every optimizer step."""
     stamps: list[float] = []
     with tempfile.TemporaryDirectory() as out:
-        TextualInversion(config, step0_dir, Path(out)).run(on_step=lambda step, loss: stamps.append(time.perf_counter()))
+        TextualInversion(config, run_dir / STEP0, Path(out)).run(on_step=lambda step, loss: stamps.append(time.perf_counter()))
     return stamps
 
 
@@ -68,7 +70,7 @@ class _TemplateImages(Dataset):
         return {"pixel_values": pixels, "input_ids": ids}
 
 
-def bare_diffusers_loop(config: PipelineConfig, step0_dir: Path, steps: int) -> list[float]:
+def bare_diffusers_loop(config: PipelineConfig, run_dir: Path, steps: int) -> list[float]:
     section, model_id = config.textual_inversion, config.models.sd15
     tokenizer = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder")
@@ -93,7 +95,7 @@ def bare_diffusers_loop(config: PipelineConfig, step0_dir: Path, steps: int) -> 
     optimizer = torch.optim.AdamW(
         text_encoder.get_input_embeddings().parameters(), lr=section.learning_rate, weight_decay=section.weight_decay
     )
-    dataloader = DataLoader(_TemplateImages(step0_dir, config, tokenizer), batch_size=section.train_batch_size, shuffle=True)
+    dataloader = DataLoader(_TemplateImages(run_dir / STEP0, config, tokenizer), batch_size=section.train_batch_size, shuffle=True)
     lr_scheduler = get_scheduler("constant", optimizer)
     text_encoder, optimizer, dataloader, lr_scheduler = accelerator.prepare(text_encoder, optimizer, dataloader, lr_scheduler)
     dtype = weight_dtype(accelerator)

@@ -31,11 +31,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from neu_det_pipeline import step0_prepare, step1_textual_inversion, step2_captions
+from neu_det_pipeline.artifacts import CAPTIONS_FILE, train_rows
 from neu_det_pipeline.config import PipelineConfig
 from neu_det_pipeline.io import read_jsonl
-from neu_det_pipeline.training.data import train_rows
 from neu_det_pipeline.training.loop import make_accelerator, weight_dtype
-from neu_det_pipeline.training.lora import CAPTIONS_FILE, LoraTraining
+from neu_det_pipeline.training.lora import LoraTraining
 from neu_det_pipeline.training.textual_inversion import load_learned_embeddings
 
 MAX_GRAD_NORM = 1.0  # the example's default, and the shared loop's

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from PIL import Image
 from rich.table import Table
 
+from neu_det_pipeline.artifacts import MANIFEST_FILE
 from neu_det_pipeline.cli import step_main
 from neu_det_pipeline.config import PipelineConfig, config_hash
 from neu_det_pipeline.data.export import (
@@ -162,7 +163,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
         records.append({**sample.to_record(root), "split": split_of[sample.id],
                         "mask": paths["mask"].relative_to(out_dir).as_posix(),
                         "image": paths["image"].relative_to(out_dir).as_posix()})
-    write_jsonl(out_dir / "manifest.jsonl", records)
+    write_jsonl(out_dir / MANIFEST_FILE, records)
     for name, ids in splits.items():
         atomic_write_text(out_dir / "splits" / f"{name}.txt", "".join(f"{i}\n" for i in ids))
     stats = class_stats(samples, classes)

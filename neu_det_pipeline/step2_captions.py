@@ -21,6 +21,7 @@ import time
 from collections import Counter
 from typing import Any
 
+from neu_det_pipeline.artifacts import CAPTIONS_FILE
 from neu_det_pipeline.captions import (
     DATASET_DIR,
     CaptionAnnotator,
@@ -32,11 +33,9 @@ from neu_det_pipeline.captions import (
     write_imagefolder_metadata,
 )
 from neu_det_pipeline.cli import step_main
-from neu_det_pipeline.errors import DataError
 from neu_det_pipeline.io import write_jsonl
 from neu_det_pipeline.recipe import Step, StepContext, console
 
-CAPTIONS_FILE = "captions.jsonl"
 PARTIAL_RESULTS_FILE = "captions.partial.jsonl"
 
 
@@ -44,8 +43,6 @@ def run(ctx: StepContext) -> dict[str, Any]:
     cfg, out_dir = ctx.config, ctx.out_dir
     step0_dir = ctx.upstream_dir("step0_prepare")
     images = read_train_images(step0_dir)
-    if not images:
-        raise DataError(f"{step0_dir}/manifest.jsonl has no training images; raise data.split.train or add images")
 
     # 1. Models, loaded once (a bad model path fails here, with the config key to fix).
     started = time.perf_counter()

@@ -31,6 +31,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from neu_det_pipeline.artifacts import LORA_WEIGHTS_FILE
 from neu_det_pipeline.config import NEU_DET_CLASSES, PipelineConfig
 from neu_det_pipeline.errors import ConfigError, MissingStepOutputError, PipelineError
 from neu_det_pipeline.io import read_json, read_jsonl, write_json, write_jsonl
@@ -43,11 +44,7 @@ from neu_det_pipeline.training.diffusion import (
     encode_prompts,
     inference_pipeline,
 )
-from neu_det_pipeline.training.lora import (
-    LORA_WEIGHTS_FILE,
-    LoraTraining,
-    optimizer_state_bits,
-)
+from neu_det_pipeline.training.lora import LoraTraining, optimizer_state_bits
 from neu_det_pipeline.training.textual_inversion import load_learned_embeddings
 
 # Small and fast: 32 px, validation with one denoising step, only at the end.

@@ -10,7 +10,11 @@ import torch
 from neu_det_pipeline.config import LoraConfigSection, TextualInversionConfig
 from neu_det_pipeline.errors import PipelineError
 from neu_det_pipeline.training.data import SeededOrderSampler
-from neu_det_pipeline.training.loop import Checkpoints, make_lr_scheduler, training_config_keys
+from neu_det_pipeline.training.loop import (
+    Checkpoints,
+    make_lr_scheduler,
+    training_config_keys,
+)
 
 
 def _optimizer() -> torch.optim.Optimizer:

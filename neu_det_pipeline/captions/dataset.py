@@ -12,10 +12,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from neu_det_pipeline.errors import MissingStepOutputError
-from neu_det_pipeline.io import atomic_write_bytes, read_jsonl, write_jsonl
+from neu_det_pipeline.artifacts import train_rows
+from neu_det_pipeline.io import atomic_write_bytes, write_jsonl
 
-MANIFEST_FILE = "manifest.jsonl"
 METADATA_FILE = "metadata.jsonl"
 DATASET_DIR = "train"
 """The imagefolder dataset's folder inside the step's output folder."""
@@ -44,20 +43,11 @@ class TrainImage:
 
 
 def read_train_images(step0_dir: Path) -> list[TrainImage]:
-    """The training split of Step 0's manifest, sorted by id; fails on a missing training copy."""
-    manifest = step0_dir / MANIFEST_FILE
-    rerun = f"re-run `python -m neu_det_pipeline.step0_prepare --config <same config>` to rebuild {step0_dir}"
-    if not manifest.is_file():
-        raise MissingStepOutputError(f"{manifest} is missing; {rerun}")
-    images = [
+    """The training split of Step 0's manifest, sorted by id."""
+    return [
         TrainImage(id=row["id"], image_class=row["class"], path=step0_dir / row["image"], source=row["source"])
-        for row in read_jsonl(manifest)
-        if row["split"] == "train"
+        for row in train_rows(step0_dir)
     ]
-    for image in images:
-        if not image.path.is_file():
-            raise MissingStepOutputError(f"{image.path} (listed in {manifest}) is missing; {rerun}")
-    return sorted(images, key=lambda image: image.id)
 
 
 def link_or_copy(source: Path, target: Path) -> None:

@@ -17,22 +17,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from neu_det_pipeline.errors import MissingStepOutputError
-from neu_det_pipeline.io import read_jsonl
-
 PromptFn = Callable[[dict[str, Any], random.Random], str]
 """(manifest row, per-sample RNG) -> training prompt."""
-
-
-def train_rows(step0_dir: Path) -> list[dict[str, Any]]:
-    """Step 0 manifest rows of the training split, sorted by id."""
-    manifest = step0_dir / "manifest.jsonl"
-    if not manifest.is_file():
-        raise MissingStepOutputError(f"{manifest} is missing; run `python -m neu_det_pipeline.step0_prepare` first")
-    rows = [row for row in read_jsonl(manifest) if row["split"] == "train"]
-    if not rows:
-        raise MissingStepOutputError(f"{manifest} has no training images; check data.split.train and re-run step0_prepare")
-    return sorted(rows, key=lambda row: row["id"])
 
 
 class SeededOrderSampler(Sampler[tuple[int, int]]):

@@ -27,10 +27,16 @@ from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
+from neu_det_pipeline.artifacts import (
+    CAPTIONS_FILE,
+    LORA_WEIGHTS_FILE,
+    TOKEN_MAP_FILE,
+    train_rows,
+)
 from neu_det_pipeline.config import LoraConfigSection, PipelineConfig
 from neu_det_pipeline.errors import MissingStepOutputError, PipelineError
 from neu_det_pipeline.io import read_json, read_jsonl
-from neu_det_pipeline.training.data import DefectImageDataset, train_rows
+from neu_det_pipeline.training.data import DefectImageDataset
 from neu_det_pipeline.training.diffusion import (
     DiffusionComponents,
     inference_pipeline,
@@ -48,13 +54,9 @@ from neu_det_pipeline.training.loop import (
 from neu_det_pipeline.training.reporting import save_losses, save_validation_grid
 from neu_det_pipeline.training.textual_inversion import (
     TEXT_ENCODER_NAMES,
-    TOKEN_MAP_FILE,
     load_learned_embeddings,
 )
 
-LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
-"""diffusers' default LoRA file name: `pipe.load_lora_weights(folder)` finds it."""
-CAPTIONS_FILE = "captions.jsonl"
 SUGGESTED_TARGETS = 12
 """Valid target names listed when a configured one matches nothing."""
 

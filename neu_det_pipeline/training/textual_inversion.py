@@ -29,10 +29,11 @@ from diffusers import DiffusionPipeline
 from safetensors.torch import save_file
 from transformers import CLIPTokenizer, PreTrainedModel
 
+from neu_det_pipeline.artifacts import TOKEN_MAP_FILE, train_rows
 from neu_det_pipeline.config import PipelineConfig, TextualInversionConfig
 from neu_det_pipeline.errors import PipelineError
 from neu_det_pipeline.io import read_json, write_json
-from neu_det_pipeline.training.data import DefectImageDataset, PromptFn, train_rows
+from neu_det_pipeline.training.data import DefectImageDataset, PromptFn
 from neu_det_pipeline.training.diffusion import load_components
 from neu_det_pipeline.training.loop import (
     TrainingSettings,
@@ -45,7 +46,6 @@ from neu_det_pipeline.training.loop import (
 )
 from neu_det_pipeline.training.reporting import save_losses, save_validation_grid
 
-TOKEN_MAP_FILE = "token_map.json"
 # Pipeline attribute names of the text encoders / tokenizers, in `DiffusionComponents` order.
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
 TOKENIZER_NAMES = ("tokenizer", "tokenizer_2")

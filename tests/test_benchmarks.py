@@ -1,0 +1,44 @@
+"""The benchmark scripts still run (a few steps each): BENCHMARKS.md must stay reproducible.
+
+The measured numbers live in BENCHMARKS.md; here only that every script runs and reports its ratio.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, SAMPLE_ROOT, SMOKE_CONFIG, smoke_overrides
+
+FEW_STEPS = ["--steps", "4", "--warmup", "1", "--repeats", "1"]
+
+
+def bench(script: str, *args: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True, text=True, cwd=REPO, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_step0_benchmark(tmp_path: Path) -> None:
+    out = bench("bench_step0.py", "--data", str(SAMPLE_ROOT), "--repeats", "1")
+    assert re.search(r"first run: [\d.]+ s", out) and re.search(r"re-run: +[\d.]+ s", out)
+
+
+def test_adamw8bit_state_benchmark() -> None:
+    out = bench("bench_adamw8bit_state.py")
+    ratios = [float(r) for r in re.findall(r"AdamW8bit \(step 3\)\s+[\d.]+ MiB\s+ratio ([\d.]+)", out)]
+    assert ratios and all(ratio <= 0.30 for ratio in ratios), out
+
+
+@pytest.mark.parametrize("script", ["bench_step1_ti.py", "bench_step3_lora.py"])
+def test_training_loop_benchmarks(script: str, tiny_models_dir: Path, tmp_path: Path) -> None:
+    overrides = [o for o in smoke_overrides(tiny_models_dir, tmp_path) if not o.startswith("run.output_dir")]
+    out = bench(script, "--config", str(SMOKE_CONFIG), *FEW_STEPS, *overrides)
+    assert re.search(r"ratio \w+ / bare diffusers = [\d.]+", out), out
