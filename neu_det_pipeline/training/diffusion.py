@@ -44,10 +44,11 @@ class DiffusionComponents:
         """Move to `device`: frozen weights in `dtype` (half precision under mixed precision), text encoders in
         `text_encoder_dtype` when they hold trained fp32 weights. The SDXL VAE stays fp32 whatever `dtype`:
         it overflows in fp16 (NaN latents), which is why diffusers' SDXL scripts upcast it too."""
-        self.vae.to(device, torch.float32 if self.family == "sdxl" else dtype)
-        self.unet.to(device, dtype)
-        for encoder in self.text_encoders:
-            encoder.to(device, text_encoder_dtype or dtype)
+        moves = [(self.vae, torch.float32 if self.family == "sdxl" else dtype), (self.unet, dtype)]
+        moves += [(encoder, text_encoder_dtype or dtype) for encoder in self.text_encoders]
+        for module, module_dtype in moves:
+            # Passing a dtype makes diffusers warn about fp32 modules even when nothing is cast.
+            module.to(device) if module.dtype == module_dtype else module.to(device, module_dtype)
 
     def freeze(self) -> None:
         """Freeze every weight; each step then unfreezes exactly what it trains."""
