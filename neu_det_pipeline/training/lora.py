@@ -14,6 +14,8 @@ so a LoRA trained with `alpha != rank` reloads with the right scale::
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -198,7 +200,10 @@ def save_lora_weights(family: str, modules: dict[str, torch.nn.Module], out_dir:
     pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     layers = {f"{prefix}_lora_layers": adapter_state_dict(prefix, module) for prefix, module in modules.items()}
     metadata = {f"{prefix}_lora_adapter_metadata": module.peft_config["default"].to_dict() for prefix, module in modules.items()}
-    pipeline_class.save_lora_weights(out_dir, **layers, **metadata, weight_name=LORA_WEIGHTS_FILE)
+    # diffusers writes in place; a temporary folder and a rename keep a crash from leaving half a file.
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".lora-") as tmp:
+        pipeline_class.save_lora_weights(tmp, **layers, **metadata, weight_name=LORA_WEIGHTS_FILE)
+        os.replace(Path(tmp) / LORA_WEIGHTS_FILE, out_dir / LORA_WEIGHTS_FILE)
     return out_dir / LORA_WEIGHTS_FILE
 
 

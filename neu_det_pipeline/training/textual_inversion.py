@@ -26,13 +26,13 @@ from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from transformers import CLIPTokenizer, PreTrainedModel
 
 from neu_det_pipeline.artifacts import TOKEN_MAP_FILE, train_rows
 from neu_det_pipeline.config import PipelineConfig, TextualInversionConfig
 from neu_det_pipeline.errors import PipelineError
-from neu_det_pipeline.io import read_json, write_json
+from neu_det_pipeline.io import atomic_write_bytes, read_json, write_json
 from neu_det_pipeline.training.data import DefectImageDataset, PromptFn
 from neu_det_pipeline.training.diffusion import load_components
 from neu_det_pipeline.training.loop import (
@@ -148,9 +148,7 @@ def save_learned_embeddings(
         learned = encoder_rows.learned().float().cpu()
         for (name, token), row in zip(tokens.items(), learned):
             file_name = f"{stem}-{name}.safetensors"
-            tmp = out_dir / f".{file_name}.tmp"
-            save_file({token: row[None].contiguous()}, tmp)
-            tmp.replace(out_dir / file_name)  # atomic: a crash never leaves half a file
+            atomic_write_bytes(out_dir / file_name, safetensors_bytes({token: row[None].contiguous()}))
             files[name][encoder_name] = file_name
     return files
 
