@@ -32,8 +32,15 @@ from neu_det_pipeline.recipe import (
 # bitsandbytes warns on every CPU import that an optional 4-bit kernel package is missing; it is not used here.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
-STEP_MODULES = ("step0_prepare", "step1_textual_inversion", "step2_captions", "step3_lora")
-"""Pipeline steps in run order; each module defines `STEP`."""
+STEP_LAUNCHERS = {
+    "step0_prepare": "python",
+    "step1_textual_inversion": "accelerate",
+    "step2_captions": "python",
+    "step3_lora": "accelerate",
+}
+"""Pipeline steps in run order (each module defines `STEP`) and how a GPU node starts them: training steps
+under `accelerate launch`. Kept here, not on `Step`, so listing the steps imports no model code."""
+STEP_MODULES = tuple(STEP_LAUNCHERS)
 
 
 def load_step(name: str) -> Step:
@@ -112,8 +119,8 @@ def main(argv: list[str] | None = None) -> None:
 
     with user_errors():
         if args.command == "list-steps":
-            for name in STEP_MODULES:
-                print(name, "accelerate" if load_step(name).training else "python")
+            for name, launcher in STEP_LAUNCHERS.items():
+                print(name, launcher)
         elif args.command == "tiny-models":
             from neu_det_pipeline.testing.tiny_models import build_tiny_models
 

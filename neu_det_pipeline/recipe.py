@@ -110,8 +110,6 @@ class Step:
     """Steps whose outputs this step reads."""
     input_fingerprint: Callable[[PipelineConfig], Any] | None = None
     """Cheap fingerprint of input files outside the run folder (e.g. the dataset listing)."""
-    training: bool = False
-    """Launched with `accelerate launch` on a GPU node."""
 
 
 def step_output_dir(config: PipelineConfig, step_name: str) -> Path:

@@ -51,7 +51,6 @@ STEP = Step(
     run=run,
     config_keys=training_config_keys("textual_inversion"),
     requires=("step0_prepare",),
-    training=True,
 )
 
 

@@ -58,7 +58,6 @@ STEP = Step(
     run=run,
     config_keys=training_config_keys("lora"),
     requires=("step0_prepare", "step1_textual_inversion", "step2_captions"),
-    training=True,
 )
 
 

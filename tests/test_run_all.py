@@ -37,7 +37,9 @@ def test_list_steps_names_launchers() -> None:
     result = neu_det("list-steps")
     lines = result.stdout.split("\n")
     assert result.returncode == 0 and [line.split()[0] for line in lines if line] == list(STEP_MODULES)
-    assert all(line.split()[1] in ("python", "accelerate") for line in lines if line)
+    launchers = dict(line.split() for line in lines if line)
+    assert launchers["step1_textual_inversion"] == launchers["step3_lora"] == "accelerate"
+    assert launchers["step0_prepare"] == launchers["step2_captions"] == "python"
 
 
 def test_run_step_script_rejects_unknown_step(tmp_path: Path) -> None:
