@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,13 @@ def write_json(path: str | Path, payload: Any) -> Path:
     return atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> Path:
-    return atomic_write_text(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+def jsonl_text(rows: Iterable[dict[str, Any]]) -> str:
+    """One sorted-key JSON object per line: the only JSONL format the project writes."""
+    return "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
+    return atomic_write_text(path, jsonl_text(rows))
 
 
 def read_json(path: str | Path) -> Any:

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from neu_det_pipeline.io import write_jsonl
+from neu_det_pipeline.io import jsonl_text, write_jsonl
 
 
 class ResultCache:
@@ -36,7 +36,7 @@ class ResultCache:
 
     def append(self, rows: Iterable[dict[str, Any]]) -> None:
         with self.path.open("a", encoding="utf-8") as handle:
-            handle.write("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+            handle.write(jsonl_text(rows))
             handle.flush()
             os.fsync(handle.fileno())
 
