@@ -30,6 +30,19 @@ NEU_DET_CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-
 COMMAND_LINE = "the command line"
 
 
+def check_template(key: str, template: str, slot: str) -> str:
+    """`template` must be fillable with `{slot}` alone and must keep it (e.g. a prompt without `{token}` would
+    silently train or rank without the class token)."""
+    sentinel = "\0"  # cannot occur in a YAML string, so finding it proves the slot was filled
+    try:
+        filled = template.format(**{slot: sentinel})
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"{key}={template!r} is not a valid template ({exc!r}); its only placeholder is {{{slot}}}") from None
+    if sentinel not in filled:
+        raise ValueError(f"{key}={template!r} must contain {{{slot}}}")
+    return template
+
+
 class Section(BaseModel):
     """Base of every config section: unknown keys are rejected, field docstrings become descriptions."""
 
@@ -61,7 +74,7 @@ class SplitConfig(Section):
     def _fractions_sum_to_one(self) -> SplitConfig:
         fractions = (self.train, self.val, self.test)
         if any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
-            raise ValueError(f"split fractions must be >= 0 and sum to 1, got {fractions}")
+            raise ValueError(f"data.split fractions must be >= 0 and sum to 1, got {fractions}")
         return self
 
 
@@ -81,7 +94,7 @@ class DataConfig(Section):
     @classmethod
     def _unique_classes(cls, classes: list[str]) -> list[str]:
         if not classes or len(set(classes)) != len(classes):
-            raise ValueError("classes must be a non-empty list of unique names")
+            raise ValueError("data.classes must be a non-empty list of unique names")
         return classes
 
 
@@ -141,6 +154,17 @@ class ModelsConfig(Section):
     """controlnet_aux annotator weights (HED, NormalBae)."""
     yolo: str = "yolov8n.pt"
     """Ultralytics detector weights or model YAML for the downstream detection test."""
+
+    @field_validator("open_clip")
+    @classmethod
+    def _open_clip_has_a_source(cls, value: str) -> str:
+        # open_clip turns a bare architecture name ("ViT-H-14") into random weights with only a log line.
+        if not value.startswith(("hf-hub:", "local-dir:")):
+            raise ValueError(
+                f"models.open_clip={value!r} must be `hf-hub:org/repo` or `local-dir:path`, "
+                "e.g. hf-hub:laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+            )
+        return value
 
 
 class TrainingSection(Section):
@@ -218,8 +242,13 @@ class TextualInversionConfig(TrainingSection):
     @classmethod
     def _has_class_slot(cls, value: str) -> str:
         if "{cls}" not in value:
-            raise ValueError("placeholder_format must contain {cls}, e.g. <neu-{cls}>")
+            raise ValueError(f"textual_inversion.placeholder_format={value!r} must contain {{cls}}, e.g. <neu-{{cls}}>")
         return value
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_have_token_slot(cls, templates: list[str]) -> list[str]:
+        return [check_template(f"textual_inversion.templates[{i}]", t, "token") for i, t in enumerate(templates)]
 
     def tokens(self, classes: list[str]) -> dict[str, str]:
         """Class name -> placeholder token, e.g. `crazing` -> `<neu-crazing>`."""
@@ -269,6 +298,16 @@ class CaptionsConfig(Section):
     """Images per model forward pass."""
     blip2_max_new_tokens: int = Field(30, ge=1)
     """Length limit of BLIP-2 captions."""
+
+    @field_validator("template")
+    @classmethod
+    def _template_has_token_slot(cls, template: str) -> str:
+        return check_template("captions.template", template, "token")
+
+    @field_validator("prompt_variants")
+    @classmethod
+    def _variants_have_prompt_slot(cls, variants: list[str]) -> list[str]:
+        return [check_template(f"captions.prompt_variants[{i}]", v, "prompt") for i, v in enumerate(variants)]
 
 
 class LoraConfigSection(TrainingSection):
@@ -379,7 +418,9 @@ def _merge(base: dict[str, Any], update: dict[str, Any], origins: dict[str, str]
     """Deep-merge `update` into `base` (lists are replaced), remembering where each key came from."""
     for key, value in update.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
+        if isinstance(value, dict):
+            if not isinstance(base.get(key), dict):
+                base[key] = {}  # recurse even into a new section, so every leaf key records its own source
             _merge(base[key], value, origins, source, f"{dotted}.")
         else:
             base[key] = value
@@ -440,17 +481,23 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
 def _explain(error: dict[str, Any], origins: dict[str, str]) -> str:
     loc = tuple(p for p in error["loc"] if not isinstance(p, int)) or ("<root>",)
     key = ".".join(str(p) for p in error["loc"])
+    dotted_loc = ".".join(str(p) for p in loc)
     source = "the defaults"
-    for i in range(len(loc), 0, -1):
-        found = origins.get(".".join(str(p) for p in loc[:i]))
-        if found:
-            source = found
-            break
+    if any(name.startswith(f"{dotted_loc}.") and origin == COMMAND_LINE for name, origin in origins.items()):
+        source = COMMAND_LINE  # a section-level check that a key below it, set on the command line, failed
+    else:
+        for i in range(len(loc), 0, -1):
+            found = origins.get(".".join(str(p) for p in loc[:i]))
+            if found:
+                source = found
+                break
     kind = error["type"]
     if kind == "extra_forbidden":
         parent = ".".join(str(p) for p in loc[:-1]) or "the top level"
         allowed = ", ".join(_allowed_keys(loc[:-1]))
         return f"unknown config key '{key}' in {source}; allowed keys under {parent}: {allowed}"
+    if kind == "value_error":  # the project's validators name the key and the value themselves
+        return f"{error['ctx']['error']} (set in {source})"
     got = error.get("input")
     if kind in ("literal_error", "enum"):
         return f"invalid value {got!r} for '{key}' in {source}; allowed values: {error['ctx']['expected']}"

@@ -147,3 +147,28 @@ def test_cli_prints_one_line_not_a_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "unknown config key 'data.rooot'" in lines[0], result.stderr
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("textual_inversion.templates=['a photo of {token}', 'a photo of steel']",
+         r"textual_inversion\.templates\[1\]='a photo of steel' must contain \{token\} \(set in the command line\)"),
+        ("captions.template=a photo of {tokn}", r"captions\.template='a photo of \{tokn\}' is not a valid template"),
+        ("models.open_clip=ViT-H-14", r"models\.open_clip='ViT-H-14' must be `hf-hub:org/repo` or `local-dir:path`"),
+    ],
+)
+def test_templates_and_model_sources_are_checked_when_the_config_loads(override: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected) as info:
+        load_config(SMOKE_CONFIG, [override])
+    assert "\n" not in str(info.value)
+
+
+def test_errors_name_the_layer_that_set_the_bad_value(tmp_path: Path) -> None:
+    parent, child = tmp_path / "parent.yaml", tmp_path / "child.yaml"
+    parent.write_text("prepare:\n  resolution: big\n")
+    child.write_text("extends: parent.yaml\nprepare:\n  workers: 1\n")  # same section, another key
+    with pytest.raises(ConfigError, match=r"'prepare.resolution' in .*parent\.yaml"):
+        load_config(child)
+    with pytest.raises(ConfigError, match=r"sum to 1.*\(set in the command line\)"):
+        load_config(child, ["prepare.resolution=64", "data.split.train=0.9"])

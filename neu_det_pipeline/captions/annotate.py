@@ -13,7 +13,7 @@ from neu_det_pipeline.captions.blip2 import Blip2Captioner
 from neu_det_pipeline.captions.dataset import TrainImage
 from neu_det_pipeline.captions.prompts import (
     build_prompt,
-    check_templates,
+    check_class_keywords,
     keyword_candidates,
     readable_class_name,
     render_variants,
@@ -64,7 +64,7 @@ class CaptionAnnotator:
         """Load the configured scorers (and BLIP-2 for `prompt_style: blip2`) on `run.device`."""
         captions = config.captions
         tokens = config.textual_inversion.tokens(config.data.classes)
-        check_templates(captions, list(tokens))  # before minutes of model loading
+        check_class_keywords(captions, list(tokens))  # before minutes of model loading
         device = resolve_device(config.run.device)
         dtype = inference_dtype(device, config.run.mixed_precision)
         backends = list(dict.fromkeys(captions.ranking_backends))

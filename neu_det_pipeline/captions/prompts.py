@@ -10,18 +10,8 @@ from neu_det_pipeline.errors import ConfigError
 PART_SEPARATOR = ", "
 
 
-def check_templates(config: CaptionsConfig, classes: Sequence[str]) -> None:
-    """Fail early, naming the key, on templates that would drop the class token or cannot be filled."""
-    checks = [("captions.template", config.template, "token")]
-    checks += [(f"captions.prompt_variants[{i}]", text, "prompt") for i, text in enumerate(config.prompt_variants)]
-    sentinel = "\0"  # cannot occur in a YAML string, so finding it proves the slot was filled
-    for key, template, slot in checks:
-        try:
-            filled = template.format(**{slot: sentinel})
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ConfigError(f"{key}={template!r} is not a valid template ({exc!r}); its only placeholder is {{{slot}}}") from None
-        if sentinel not in filled:
-            raise ConfigError(f"{key}={template!r} must contain {{{slot}}}")
+def check_class_keywords(config: CaptionsConfig, classes: Sequence[str]) -> None:
+    """Fail early, naming the key, when a class has no keyword list (templates are checked by the config)."""
     missing = [name for name in classes if name not in config.class_keywords]
     if missing:
         raise ConfigError(f"captions.class_keywords has no entry for {missing}; add a keyword list for every class in data.classes")

@@ -16,10 +16,8 @@ from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
 from neu_det_pipeline.config import ModelsConfig
-from neu_det_pipeline.errors import ConfigError
-from neu_det_pipeline.models import LOCAL_DIR_PREFIX, load_model
+from neu_det_pipeline.models import load_model
 
-OPEN_CLIP_HUB_PREFIX = "hf-hub:"
 OPEN_CLIP_PRECISION = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -90,13 +88,6 @@ class OpenCLIPScorer:
 
     @classmethod
     def from_pretrained(cls, model_id: str, device: torch.device, dtype: torch.dtype) -> OpenCLIPScorer:
-        if not model_id.startswith((OPEN_CLIP_HUB_PREFIX, LOCAL_DIR_PREFIX)):
-            # A bare architecture name ("ViT-H-14") silently gives random weights.
-            raise ConfigError(
-                f"models.open_clip={model_id!r} must be `{OPEN_CLIP_HUB_PREFIX}org/repo` or `{LOCAL_DIR_PREFIX}path`, "
-                f"e.g. {ModelsConfig.model_fields['open_clip'].default}"
-            )
-
         def load() -> OpenCLIPScorer:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 model_id, device=device, precision=OPEN_CLIP_PRECISION[dtype]
