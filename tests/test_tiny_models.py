@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -37,7 +39,7 @@ from transformers import (
     pipeline,
 )
 
-from neu_det_pipeline.testing import tiny_models
+from neu_det_pipeline.testing import tiny_builders
 from neu_det_pipeline.testing.make_tokenizer_assets import (
     ASSETS_DIR,
     CLIP_TOKENIZER,
@@ -130,7 +132,7 @@ def test_failed_build_leaves_no_partial_folder(tmp_path: Path, monkeypatch: pyte
         (folder / "config.json").write_text("{}")
         raise RuntimeError("killed mid-build")
 
-    monkeypatch.setitem(tiny_models._BUILDERS, "dinov3", crash)
+    monkeypatch.setitem(tiny_builders.BUILDERS, "dinov3", crash)
     with pytest.raises(RuntimeError, match="killed mid-build"):
         build_tiny_models(tmp_path, only=["dinov3"])
     assert not list(tmp_path.iterdir())
@@ -295,3 +297,9 @@ def test_gpt2_tokenizer_matches_opt_conventions() -> None:
     tokenizer = AutoTokenizer.from_pretrained(ASSETS_DIR / GPT2_TOKENIZER)
     assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (1, 2, 2)
     assert tokenizer("a photo").input_ids[0] == tokenizer.bos_token_id
+
+
+def test_every_name_has_a_builder_and_listing_them_imports_no_model_library() -> None:
+    assert tuple(tiny_builders.BUILDERS) == TINY_MODEL_NAMES
+    code = "import sys, neu_det_pipeline.testing.tiny_models; print(any(m in sys.modules for m in ('diffusers', 'open_clip', 'transformers')))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
