@@ -89,6 +89,9 @@ class DataConfig(Section):
     """Fail on the first bad file instead of skipping it and reporting it."""
     split: SplitConfig = Field(default_factory=SplitConfig)
     """Stratified train/val/test split by image class."""
+    train_fraction: float = Field(1.0, gt=0, le=1)
+    """Low-data protocol: fraction of each class's training split kept for Steps 1-4 (seeded); the rest is held
+    back (`split: train_heldout`) and only Step 5's real-data oracle trains on it."""
 
     @field_validator("classes")
     @classmethod
@@ -362,6 +365,99 @@ class GenerationConfig(Section):
     """Generation resolution (boxes are rescaled back to the source size)."""
 
 
+class CurationConfig(Section):
+    memorised_similarity: float = Field(0.95, gt=0, le=1)
+    """Reject a synthetic image whose correlation with a real training image (or one of its flips and 90-degree
+    rotations), both as `memorised_size` px grayscale thumbnails, reaches this value."""
+    memorised_size: int = Field(32, ge=8)
+    """Side of the grayscale thumbnails compared for memorisation."""
+    min_std: float = Field(4.0, ge=0)
+    """Reject as degenerate (blank, near-constant, black) below this pixel standard deviation (0-255 levels)."""
+    max_saturated_fraction: float = Field(0.5, gt=0, le=1)
+    """Reject as degenerate (saturated) when more than this fraction of pixels is 0 or 255."""
+    label_consistency: bool = True
+    """Reject off-class or label-inconsistent images: the real-data YOLO finds no box of the image's class."""
+    min_detector_map50: float = Field(0.3, ge=0, le=1)
+    """The label-consistency rule applies only when the real-only detector reaches this test mAP50 (a weak
+    detector would reject good images); otherwise it is skipped and the summary says why."""
+
+
+class UtilityConfig(Section):
+    enabled: bool = True
+    """Train YOLO on real and on real + curated synthetic data (the headline result); false: image metrics only."""
+    synthetic_ratios: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0])
+    """Curated synthetic images added per real training image (0 = real only)."""
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    """Training seeds of every run; with several, mean and spread are reported."""
+    oracle: bool = True
+    """With `data.train_fraction` < 1, also train on the kept plus the held-back real images (the real-data oracle)."""
+    epochs: int = Field(100, ge=1)
+    """YOLO training epochs (the same for every run)."""
+    imgsz: int = Field(224, ge=32)
+    """YOLO training and evaluation image size (NEU-DET images are 200 px)."""
+    batch: int = Field(16, ge=1)
+    """YOLO batch size."""
+    workers: int = Field(2, ge=0)
+    """YOLO data-loader workers."""
+    conf: float = Field(0.25, gt=0, lt=1)
+    """Detection confidence threshold for label consistency."""
+
+    @field_validator("synthetic_ratios")
+    @classmethod
+    def _ratios(cls, ratios: list[float]) -> list[float]:
+        if not ratios or any(r < 0 for r in ratios) or len(set(ratios)) != len(ratios):
+            raise ValueError(f"evaluation.utility.synthetic_ratios={ratios} must be distinct numbers >= 0")
+        return ratios
+
+
+class EvaluationConfig(Section):
+    features: list[Literal["inception", "clip", "dinov3"]] = Field(default_factory=lambda: ["inception", "dinov3"])
+    """Feature spaces of FID, KID and precision/recall: `inception` (torch-fidelity weights), `clip`
+    (`models.clip`), `dinov3` (`models.dinov3`); the first one also picks LPIPS nearest-neighbour candidates."""
+    inception_weights: Path | None = None
+    """Local torch-fidelity Inception-v3 weights file; null downloads them on first use."""
+    batch_size: int = Field(32, ge=1)
+    """Images per feature-extractor and LPIPS forward pass."""
+    kid_subsets: int = Field(100, ge=2)
+    """KID subsets (mean and std over them)."""
+    kid_subset_size: int = Field(1000, ge=2)
+    """Images per KID subset, capped at the smaller side's size (the size used is reported)."""
+    pr_neighbourhood: int = Field(3, ge=1)
+    """k of the k-NN manifolds of precision and recall (Kynkäänniemi et al. 2019)."""
+    lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
+    """LPIPS backbone."""
+    lpips_pretrained_backbone: bool = True
+    """ImageNet weights for the LPIPS backbone (torchvision downloads them once); false only for offline tests."""
+    lpips_pairs: int = Field(200, ge=1)
+    """Random image pairs per class for intra-class LPIPS diversity."""
+    lpips_candidates: int = Field(5, ge=1)
+    """Nearest real training images (in the first feature space) among which LPIPS picks the nearest one."""
+    lbp_radii: list[int] = Field(default_factory=lambda: [1, 2, 3])
+    """Uniform-LBP radii (8 * radius points each); their histograms are concatenated."""
+    clip_score: bool = True
+    """CLIP score of each synthetic image against its prompt (`models.clip`)."""
+    report_samples: int = Field(6, ge=1)
+    """Images per class in the report's real-vs-synthetic contact sheets."""
+    curation: CurationConfig = Field(default_factory=CurationConfig)
+    """Which synthetic images enter the curated training set."""
+    utility: UtilityConfig = Field(default_factory=UtilityConfig)
+    """YOLO trained on real vs real + curated synthetic, tested on the real test split."""
+
+    @field_validator("features")
+    @classmethod
+    def _distinct_features(cls, features: list[str]) -> list[str]:
+        if not features or len(set(features)) != len(features):
+            raise ValueError(f"evaluation.features={features} must be a non-empty list without repeats")
+        return features
+
+    @field_validator("lbp_radii")
+    @classmethod
+    def _positive_radii(cls, radii: list[int]) -> list[int]:
+        if not radii or any(r < 1 for r in radii):
+            raise ValueError(f"evaluation.lbp_radii={radii} must be a non-empty list of radii >= 1")
+        return radii
+
+
 class PipelineConfig(Section):
     """The whole pipeline's configuration: one section per concern."""
 
@@ -381,6 +477,8 @@ class PipelineConfig(Section):
     """Step 3: LoRA / DoRA fine-tuning."""
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     """Step 4: ControlNet generation."""
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    """Step 5: fidelity and diversity metrics, curation, YOLO utility, report."""
 
     def section(self, dotted: str) -> Any:
         """The value at a dotted key such as `data.split`."""
@@ -504,10 +602,10 @@ def _explain(error: dict[str, Any], origins: dict[str, str]) -> str:
     return f"invalid value {got!r} for '{key}' in {source}: {error['msg']}"
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
-    """Load a config file (following `extends:`), apply `key=value` overrides and validate."""
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Load a config file (following `extends:`; None: the defaults), apply `key=value` overrides and validate."""
     origins: dict[str, str] = {}
-    data = _load_layers(Path(path), origins)
+    data = _load_layers(Path(path), origins) if path is not None else {}
     for text in overrides:
         _apply_override(data, *parse_override(text), origins)
     try:

@@ -2,9 +2,12 @@
 
     python -m neu_det_pipeline.step0_prepare --config configs/base.yaml data.root=/data/NEU-DET
 
+Low-data protocol: with `data.train_fraction` < 1, a seeded stratified fraction of the training split stays
+`train` (what Steps 1-4 see); the rest becomes `train_heldout`, kept only for Step 5's real-data oracle.
+
 Outputs in `<run.output_dir>/step0_prepare/`:
     manifest.jsonl          one validated image per line (class, split, boxes, derived files)
-    splits/{train,val,test}.txt
+    splits/{train,val,test}.txt  (+ train_heldout.txt with data.train_fraction < 1)
     masks/<id>.png          binary box mask at image size
     images/<id>.png         training copy at `prepare.resolution`, 3 identical channels
     yolo/                   images/, labels/ per split and data.yaml (ultralytics)
@@ -36,7 +39,7 @@ from neu_det_pipeline.data.export import (
     yolo_label_lines,
 )
 from neu_det_pipeline.data.neu_det import Problem, Sample, discover, load_sample
-from neu_det_pipeline.data.split import SPLITS, stratified_split
+from neu_det_pipeline.data.split import HELD_OUT_SPLIT, SPLITS, hold_out_training, stratified_split
 from neu_det_pipeline.data.visualize import class_stats, contact_sheet, stats_table
 from neu_det_pipeline.errors import DataError
 from neu_det_pipeline.io import (
@@ -144,9 +147,12 @@ def run(ctx: StepContext) -> dict[str, Any]:
     if not samples:
         raise DataError(f"no valid image in {root}: every pair had a problem (see above); fix the files or set data.root=DIR")
 
-    # 2. Split by image class.
+    # 2. Split by image class; the low-data protocol holds part of the training split back.
     split_cfg = cfg.data.split
-    splits = stratified_split({s.id: s.image_class for s in samples}, (split_cfg.train, split_cfg.val, split_cfg.test), cfg.run.seed)
+    labels = {s.id: s.image_class for s in samples}
+    splits = stratified_split(labels, (split_cfg.train, split_cfg.val, split_cfg.test), cfg.run.seed)
+    if cfg.data.train_fraction < 1:
+        splits["train"], splits[HELD_OUT_SPLIT] = hold_out_training(splits["train"], labels, cfg.data.train_fraction, cfg.run.seed)
     split_of = {sample_id: name for name, ids in splits.items() for sample_id in ids}
 
     # 3. Derived files per image (skipped where an interrupted run already wrote them).
@@ -167,7 +173,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
     for name, ids in splits.items():
         atomic_write_text(out_dir / "splits" / f"{name}.txt", "".join(f"{i}\n" for i in ids))
     stats = class_stats(samples, classes)
-    split_counts = {name: Counter(s.image_class for s in samples if split_of[s.id] == name) for name in SPLITS}
+    split_counts = {name: Counter(s.image_class for s in samples if split_of[s.id] == name) for name in splits}
     sheet_samples = _contact_sheet_samples(samples, cfg.prepare.contact_sheet_samples, cfg.run.seed)
     save_image(contact_sheet(sheet_samples, classes), out_dir / "contact_sheet.png")
 

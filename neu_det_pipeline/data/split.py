@@ -28,3 +28,25 @@ def stratified_split(labels: dict[str, str], fractions: tuple[float, float, floa
         result["test"] += ids[n_val : n_val + n_test]
         result["train"] += ids[n_val + n_test :]
     return {name: sorted(ids) for name, ids in result.items()}
+
+
+HELD_OUT_SPLIT = "train_heldout"
+"""Training images the low-data protocol (`data.train_fraction` < 1) holds back from Steps 1-4."""
+
+
+def hold_out_training(train_ids: list[str], labels: dict[str, str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Keep `fraction` of each class's training ids (at least one), hold back the rest: (kept, held out).
+
+    Seeded per class like :func:`stratified_split`, so the kept ids depend only on the ids, the fraction
+    and the seed; a smaller fraction keeps a subset of what a larger one keeps.
+    """
+    by_class: dict[str, list[str]] = defaultdict(list)
+    for sample_id in train_ids:
+        by_class[labels[sample_id]].append(sample_id)
+    kept: list[str] = []
+    for label in sorted(by_class):
+        ids = sorted(by_class[label])
+        random.Random(f"{seed}:{label}:train_fraction").shuffle(ids)
+        kept += ids[: max(1, round(len(ids) * fraction))]
+    held_out = sorted(set(train_ids) - set(kept))
+    return sorted(kept), held_out
