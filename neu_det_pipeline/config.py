@@ -458,6 +458,126 @@ class EvaluationConfig(Section):
         return radii
 
 
+class ClassifierAugmentationConfig(Section):
+    hflip: bool = True
+    """Random horizontal flips (image and mask together)."""
+    vflip: bool = True
+    """Random vertical flips."""
+    rot90: bool = True
+    """Random 90-degree rotations (steel textures have no up direction)."""
+    max_rotation: float = Field(10.0, ge=0, le=45)
+    """Small affine: rotation drawn from [-max_rotation, max_rotation] degrees."""
+    max_translate: float = Field(0.05, ge=0, le=0.5)
+    """Small affine: shift drawn up to this fraction of the image side."""
+    max_scale: float = Field(0.1, ge=0, lt=1)
+    """Small affine: zoom drawn from [1 - max_scale, 1 + max_scale]."""
+    brightness: float = Field(0.2, ge=0, lt=1)
+    """Brightness factor drawn from [1 - brightness, 1 + brightness] (image only; no colour changes on grayscale)."""
+    contrast: float = Field(0.2, ge=0, lt=1)
+    """Contrast factor drawn from [1 - contrast, 1 + contrast] (image only)."""
+
+
+class ClassifierConfig(Section):
+    RESUME_ONLY: ClassVar[frozenset[str]] = frozenset({"resume", "num_workers", "eval_batch_size"})
+    """How to get there, not where: changing these neither changes the result nor wipes `last.pt`."""
+
+    backbone: str = "dinov3"
+    """`dinov3`: the transformers DINOv3 ViT at `models.dinov3`; `timm:<name>`: a timm model, e.g.
+    `timm:vit_small_patch16_dinov3.lvd1689m`, `timm:convnext_tiny.dinov3_lvd1689m`, `timm:resnet18` (CNNs give feature maps)."""
+    pretrained: bool = True
+    """Start from the backbone's pretrained weights; false: same architecture, random weights (from-scratch training)."""
+    backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra `timm.create_model` arguments, e.g. `{output_stride: 16}` or `{drop_path_rate: 0.1}`; must be empty for `dinov3`."""
+    image_size: int = Field(224, ge=32)
+    """Square input side (a multiple of the patch size for ViTs); the 200 px images are resized."""
+    multitask: bool = True
+    """Segmentation decoder + mask-guided attention pooling; false: plain classifier on the CLS/global feature."""
+    decoder_channels: int = Field(128, ge=1)
+    """Channels of the segmentation decoder on the patch/feature grid."""
+    enhancer_dim: int = Field(256, ge=1)
+    """Width of the feature enhancer between the fused features and the classifier head."""
+    dropout: float = Field(0.3, ge=0, lt=1)
+    """Dropout before the classifier head (half of it inside the enhancer)."""
+    classification_loss: Literal["ce", "label_smoothing", "focal", "ls_focal"] = "ls_focal"
+    """`ls_focal`: 1/6 label-smoothing CE + 5/6 focal loss (the seed's mix)."""
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    """Label smoothing of `label_smoothing` and `ls_focal`."""
+    focal_gamma: float = Field(2.0, ge=0)
+    """Focusing parameter gamma of `focal` and `ls_focal` (0 gives cross-entropy)."""
+    loss_weighting: Literal["fixed", "dynamic", "uncertainty"] = "dynamic"
+    """Total = alpha * classification + beta * segmentation with `fixed` alpha/beta; `dynamic`: (0.5, 1.0) before
+    `switch_epoch`, (1.0, 0.3) from it on; `uncertainty`: learned log-variances (Kendall et al. 2018)."""
+    alpha: float = Field(1.0, ge=0)
+    """Classification loss weight of `fixed` weighting."""
+    beta: float = Field(0.5, ge=0)
+    """Segmentation loss weight (BCE + Dice) of `fixed` weighting."""
+    switch_epoch: int = Field(10, ge=0)
+    """`dynamic` weighting: first epoch (0-based) with the classification-heavy weights."""
+    epochs: int = Field(30, ge=1)
+    """Training epochs (both stages)."""
+    freeze_epochs: int = Field(5, ge=0)
+    """Stage 1: epochs with a frozen backbone (head and decoder only); then everything trains. 0 for from-scratch."""
+    batch_size: int = Field(32, ge=1)
+    """Images per device per micro-batch."""
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    """Micro-batches accumulated per optimizer step."""
+    learning_rate: float = Field(1e-3, gt=0)
+    """Peak AdamW learning rate of the head, decoder and enhancer (and of a randomly initialised backbone)."""
+    backbone_lr_scale: float = Field(0.1, gt=0)
+    """Backbone learning rate = learning_rate * this, once unfrozen (pretrained weights move less)."""
+    weight_decay: float = Field(0.05, ge=0)
+    """AdamW weight decay."""
+    warmup_epochs: float = Field(1.0, ge=0)
+    """Linear warm-up before the cosine decay (again for the backbone when it is unfrozen)."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping norm."""
+    class_balanced: bool = False
+    """Draw training images with probability inversely proportional to their class frequency."""
+    augmentation: ClassifierAugmentationConfig = Field(default_factory=ClassifierAugmentationConfig)
+    """Joint image + mask augmentation of training images."""
+    synthetic: Literal["none", "step4", "step5"] = "none"
+    """Synthetic training images: `step4` (all generated) or `step5` (the curated set); validation and test stay real."""
+    synthetic_ratio: float = Field(1.0, ge=0)
+    """Synthetic images added per real training image (per class, seeded; capped by what exists)."""
+    synthetic_only: bool = False
+    """Train on the synthetic images alone, test on real: the generator's classification accuracy score."""
+    normal_dir: Path | None = None
+    """Folder of defect-free images: the task becomes binary normal/defect (split like `data.split`)."""
+    own_data: Path | None = None
+    """Folder in the seed guide's layout (`images/`, `masks/`, `train_labels.txt`, `val_labels.txt` [, `test_labels.txt`]);
+    replaces Step 0's NEU-DET splits."""
+    num_workers: int = Field(0, ge=0)
+    """Data-loader worker processes (results do not depend on it)."""
+    eval_batch_size: int = Field(64, ge=1)
+    """Images per forward pass in evaluation."""
+    max_train_minutes: float | None = Field(None, gt=0)
+    """Stop after the first epoch that ends past this wall time (benchmarks under a time budget); null: all epochs."""
+    resume: Literal["latest"] | None = None
+    """`latest` to continue an interrupted run from `last.pt`."""
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        if value != "dinov3" and not (value.startswith("timm:") and len(value) > len("timm:")):
+            raise ValueError(f"classifier.backbone={value!r} must be `dinov3` or `timm:<model name>`, e.g. timm:resnet18")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ClassifierConfig:
+        if self.backbone == "dinov3" and self.backbone_kwargs:
+            raise ValueError("classifier.backbone_kwargs applies to timm backbones only; set it to {} for backbone=dinov3")
+        if self.freeze_epochs >= self.epochs:
+            raise ValueError(f"classifier.freeze_epochs={self.freeze_epochs} must be below classifier.epochs={self.epochs}")
+        if self.synthetic_only and self.synthetic == "none":
+            raise ValueError("classifier.synthetic_only=true needs classifier.synthetic=step4 or step5")
+        return self
+
+    @classmethod
+    def outcome_keys(cls) -> list[str]:
+        """Fields that change what is trained: a change re-does the step."""
+        return [name for name in cls.model_fields if name not in cls.RESUME_ONLY]
+
+
 class PipelineConfig(Section):
     """The whole pipeline's configuration: one section per concern."""
 
@@ -479,6 +599,8 @@ class PipelineConfig(Section):
     """Step 4: ControlNet generation."""
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     """Step 5: fidelity and diversity metrics, curation, YOLO utility, report."""
+    classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
+    """Step 6: the DINOv3 attention-guided multitask classifier (train, evaluate, predict, export)."""
 
     def section(self, dotted: str) -> Any:
         """The value at a dotted key such as `data.split`."""
