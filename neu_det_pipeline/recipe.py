@@ -106,10 +106,14 @@ class Step:
     """Does the work, writes outputs under `ctx.out_dir`, returns the summary fields."""
     config_keys: tuple[str, ...]
     """Dotted config keys the outputs depend on; a change re-does the step."""
-    requires: tuple[str, ...] = ()
-    """Steps whose outputs this step reads."""
+    requires: tuple[str, ...] | Callable[[PipelineConfig], tuple[str, ...]] = ()
+    """Steps whose outputs this step reads; a function of the config where that depends on it (e.g. Step 4
+    reads the Step 3 LoRA only when `generation.use_lora` is on)."""
     input_fingerprint: Callable[[PipelineConfig], Any] | None = None
     """Cheap fingerprint of input files outside the run folder (e.g. the dataset listing)."""
+
+    def required_steps(self, config: PipelineConfig) -> tuple[str, ...]:
+        return self.requires(config) if callable(self.requires) else self.requires
 
 
 def step_output_dir(config: PipelineConfig, step_name: str) -> Path:
@@ -123,7 +127,7 @@ def read_summary(out_dir: Path) -> dict[str, Any] | None:
 
 def step_fingerprint(step: Step, config: PipelineConfig) -> str:
     upstream = {}
-    for name in step.requires:
+    for name in step.required_steps(config):
         summary = read_summary(step_output_dir(config, name))
         if summary is None or summary.get("status") != "complete":
             raise MissingStepOutputError(
