@@ -7,6 +7,8 @@ one line naming the config key and the fix.
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -44,8 +46,38 @@ def _local_folder(model_id: str) -> Path | None:
     return path if path.exists() or model_id.startswith(("/", ".", "~")) else None
 
 
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+@functools.cache
+def quiet_library_progress() -> None:
+    """Hide what transformers and diffusers print on every load when nothing is wrong.
+
+    Their per-load bars ("Loading weights", "Loading pipeline components", "Writing model shards") take
+    no visible time and break into rich's display; download bars of the hub stay on, since on a GPU node
+    a multi-GB download is real information. Real warnings still show.
+    """
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # also turns the hub's bars off ...
+    enable_progress_bars()  # ... so they are turned back on
+    diffusers_logging.disable_progress_bar()
+    # `load_textual_inversion` grows the embedding matrix with transformers' default mean resizing, which
+    # announces how the new rows are initialised; the loaded embeddings overwrite those rows at once.
+    logging.getLogger("transformers.modeling_utils").addFilter(_DropMessage("The new embeddings will be initialized"))
+
+
 def load_model(config_key: str, model_id: str, load: Callable[[], T]) -> T:
     """Run `load()`; a missing folder or an unreachable hub id becomes one line naming `config_key` and the fix."""
+    quiet_library_progress()
     folder = _local_folder(model_id)
     if folder is not None and not folder.is_dir():
         raise PipelineError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,16 @@ from conftest import REPO, SMOKE_CONFIG, smoke_overrides
 
 from neu_det_pipeline.cli import STEP_MODULES
 from neu_det_pipeline.io import read_json
+from neu_det_pipeline.models import quiet_library_progress
+
+# What third-party libraries print when nothing is wrong: tqdm bars ("Loading weights: 100%|...| 36/36 [...it/s]")
+# and transformers' notices ("[transformers] The new embeddings will be initialized ...").
+THIRD_PARTY_NOISE = ("it/s]", "s/it]", "[transformers]", "Loading weights", "Writing model shards", "Loading pipeline components")
+
+
+def assert_no_third_party_noise(output: str) -> None:
+    found = [marker for marker in THIRD_PARTY_NOISE if marker in output]
+    assert not found, f"third-party noise {found} in:\n{output[-3000:]}"
 
 
 def neu_det(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -27,6 +38,7 @@ def test_run_all_smoke_then_rerun_is_up_to_date(tiny_models_dir: Path, tmp_path:
         assert (out / name / "config.yaml").is_file()
         assert f"{out / name}/summary.json" in first.stderr.replace("\n", "")
     assert f"all outputs in {out}" in first.stderr.replace("\n", "")
+    assert_no_third_party_noise(first.stdout + first.stderr)
 
     second = neu_det(*args)
     assert second.returncode == 0
@@ -61,3 +73,19 @@ def test_tiny_models_command_builds_hub_layout_folders(tmp_path: Path) -> None:
     assert (tmp_path / "tiny" / "sd15" / "model_index.json").is_file()
     assert (tmp_path / "tiny" / "clip" / "config.json").is_file()
     assert str(tmp_path / "tiny" / "sd15") in result.stderr
+    assert_no_third_party_noise(result.stdout + result.stderr)
+
+
+def test_quieting_drops_only_the_known_notice() -> None:
+    quiet_library_progress()
+    logger = logging.getLogger("transformers.modeling_utils")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        logger.warning("The new embeddings will be initialized from a multivariate normal distribution ...")
+        logger.warning("Some weights of CLIPTextModel were not initialized from the model checkpoint")
+    finally:
+        logger.removeHandler(handler)
+    assert [record.getMessage() for record in records] == ["Some weights of CLIPTextModel were not initialized from the model checkpoint"]

@@ -52,6 +52,7 @@ from transformers import (
     OPTConfig,
 )
 
+from neu_det_pipeline.models import quiet_library_progress
 from neu_det_pipeline.testing.make_tokenizer_assets import (
     ASSETS_DIR,
     CLIP_TOKENIZER,
@@ -59,6 +60,7 @@ from neu_det_pipeline.testing.make_tokenizer_assets import (
 )
 
 logger = logging.getLogger(__name__)
+quiet_library_progress()  # no "Writing model shards" bar per tiny model
 
 
 # Shared by every tiny transformer (text encoders, ViTs, Q-Former, OPT); head dim 8.
