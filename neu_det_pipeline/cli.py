@@ -4,6 +4,8 @@
     neu-det run-all --config PATH [key=value ...]
     neu-det tiny-models DIR
     neu-det list-steps
+    neu-det predict --checkpoint FILE IMAGE_OR_DIR --out DIR
+    neu-det export-onnx --checkpoint FILE --out FILE.onnx
 """
 
 from __future__ import annotations
@@ -37,9 +39,11 @@ STEP_LAUNCHERS = {
     "step1_textual_inversion": "accelerate",
     "step2_captions": "python",
     "step3_lora": "accelerate",
+    "step4_generate": "accelerate",
+    "step6_classifier": "accelerate",
 }
 """Pipeline steps in run order (each module defines `STEP`) and how a GPU node starts them: training steps
-under `accelerate launch`. Kept here, not on `Step`, so listing the steps imports no model code."""
+and sharded generation under `accelerate launch`. Kept here, not on `Step`, so listing the steps imports no model code."""
 STEP_MODULES = tuple(STEP_LAUNCHERS)
 
 
@@ -115,6 +119,13 @@ def main(argv: list[str] | None = None) -> None:
     tiny = commands.add_parser("tiny-models", help="build tiny random models in hub layout (offline tests)")
     tiny.add_argument("dir", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
+    predict = commands.add_parser("predict", help="classify images with a Step 6 checkpoint (.pt) or ONNX export: overlays + predictions.csv")
+    predict.add_argument("--checkpoint", required=True, type=Path, help="best.pt / last.pt from step6_classifier, or a .onnx export")
+    predict.add_argument("input", type=Path, metavar="IMAGE_OR_DIR")
+    predict.add_argument("--out", required=True, type=Path, help="folder for overlays/ and predictions.csv")
+    export = commands.add_parser("export-onnx", help="export a Step 6 checkpoint to ONNX (dynamic batch), checked against onnxruntime")
+    export.add_argument("--checkpoint", required=True, type=Path)
+    export.add_argument("--out", required=True, type=Path, help="the .onnx file to write")
     args = parser.parse_args(argv)
 
     with user_errors():
@@ -126,6 +137,14 @@ def main(argv: list[str] | None = None) -> None:
 
             for name, path in build_tiny_models(args.dir, seed=args.seed).items():
                 console.print(f"{name:28s} {path}")
+        elif args.command == "predict":
+            from neu_det_pipeline.classifier.cli import predict_command
+
+            predict_command(args)
+        elif args.command == "export-onnx":
+            from neu_det_pipeline.classifier.cli import export_command
+
+            export_command(args)
         else:
             run_all(setup(args))
 

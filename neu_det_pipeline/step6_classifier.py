@@ -1,0 +1,125 @@
+"""Step 6: the DINOv3 attention-guided multitask classifier, trained on real (+ synthetic) images, tested on real.
+
+    python -m neu_det_pipeline.step6_classifier --config configs/smoke.yaml
+    python -m neu_det_pipeline.step6_classifier --config configs/classifier_cpu.yaml data.root=/data/NEU-DET
+    accelerate launch -m neu_det_pipeline.step6_classifier --config configs/base.yaml data.root=/data/NEU-DET
+
+Reads Step 0's splits and box masks (or `classifier.own_data`), and Step 4's images or Step 5's curated
+set only when `classifier.synthetic` mixes them in. An interrupted run continues with the same command
+plus `classifier.resume=latest`. Then:
+
+    neu-det predict --checkpoint <out>/step6_classifier/best.pt IMAGE_OR_DIR --out DIR
+    neu-det export-onnx --checkpoint <out>/step6_classifier/best.pt --out model.onnx
+
+Outputs in `<run.output_dir>/step6_classifier/`:
+    best.pt, last.pt          best validation macro-F1 / newest epoch (last.pt also resumes training)
+    metrics.csv, curves.png   per-epoch losses, loss weights, learning rates, validation scores
+    test_metrics.json         test (real) accuracy, macro-F1, per-class report, mask IoU / Dice, confusion matrix
+    confusion_matrix.png      on the test split
+    summary.json              data counts, backbone, best epoch, test scores, wall time
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from neu_det_pipeline.classifier.checkpoints import BEST_FILE, load_classifier
+from neu_det_pipeline.classifier.data import ClassifierDataset, load_data
+from neu_det_pipeline.classifier.evaluation import plot_confusion_matrix, plot_curves, report_table, write_history_csv
+from neu_det_pipeline.classifier.training import ClassifierTraining
+from neu_det_pipeline.cli import step_main
+from neu_det_pipeline.config import ClassifierConfig, PipelineConfig
+from neu_det_pipeline.io import write_json
+from neu_det_pipeline.recipe import Step, StepContext, console
+from neu_det_pipeline.step0_prepare import dataset_listing
+
+SYNTHETIC_STEPS = {"step4": "step4_generate", "step5": "step5_evaluate"}
+TEST_METRICS_FILE = "test_metrics.json"
+
+
+def training_data(section: ClassifierConfig) -> str:
+    if section.synthetic == "none":
+        return "real"
+    return f"{section.synthetic} synthetic only" if section.synthetic_only else f"real + {section.synthetic} synthetic"
+
+
+def run(ctx: StepContext) -> dict[str, Any]:
+    cfg, section = ctx.config, ctx.config.classifier
+    synthetic_dir = ctx.upstream_dir(SYNTHETIC_STEPS[section.synthetic]) if section.synthetic != "none" else None
+    data = load_data(cfg, ctx.upstream_dir("step0_prepare"), synthetic_dir)
+    for note in data.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+
+    training = ClassifierTraining(cfg, data, ctx.out_dir)
+    with ctx.loss_progress("classifier", section.epochs * training.steps_per_epoch) as on_step:
+        result = training.run(on_step)
+    if not training.accelerator.is_main_process:
+        return {}
+
+    best, _ = load_classifier(ctx.out_dir / BEST_FILE)
+    test_set = ClassifierDataset(data.splits["test"], section.image_size, cfg.run.seed)
+    test = training.evaluate(test_set, best.to(training.accelerator.device))
+    write_json(ctx.out_dir / TEST_METRICS_FILE, {"training_data": training_data(section), "classes": data.classes, "best_epoch": result.best_epoch, **test})
+    write_history_csv(result.history, ctx.out_dir / "metrics.csv")
+    plot_curves(result.history, ctx.out_dir / "curves.png")
+    plot_confusion_matrix(test["confusion_matrix"], data.classes, ctx.out_dir / "confusion_matrix.png", "test split (real)")
+    console.print(report_table(test, f"test split (real), best epoch {result.best_epoch}"))
+    return {
+        "backbone": section.backbone,
+        "pretrained": section.pretrained,
+        "multitask": section.multitask,
+        "training_data": training_data(section),
+        "images": data.counts(),
+        "classes": data.classes,
+        "parameters": training.trainable_parameters(),
+        "processes": training.accelerator.num_processes,
+        "epochs_trained": len(result.history),
+        "stopped_by_time_budget": result.stopped_by_time_budget,
+        "training_seconds": result.history[-1]["seconds"],
+        "resumed_from_epoch": result.resumed_from_epoch,
+        "best_epoch": result.best_epoch,
+        "best_val_macro_f1": round(result.best_macro_f1, 4),
+        "test_accuracy": round(test["accuracy"], 4),
+        "test_macro_f1": round(test["macro_f1"], 4),
+        "test_mask_iou": None if test["mask_iou"] is None else round(test["mask_iou"], 4),
+        "test_mask_dice": None if test["mask_dice"] is None else round(test["mask_dice"], 4),
+        "checkpoint": str(ctx.out_dir / BEST_FILE),
+    }
+
+
+def required_steps(config: PipelineConfig) -> tuple[str, ...]:
+    """Step 0 unless `classifier.own_data` replaces it; Step 4 or 5 only when synthetic images are mixed in."""
+    section = config.classifier
+    needed = () if section.own_data is not None else ("step0_prepare",)
+    return needed + ((SYNTHETIC_STEPS[section.synthetic],) if section.synthetic != "none" else ())
+
+
+def user_folders(config: PipelineConfig) -> dict[str, str]:
+    """Listings (paths, sizes, times) of `own_data` and `normal_dir`: a changed file re-does the step."""
+    section = config.classifier
+    return {
+        key: dataset_listing(config.model_copy(update={"data": config.data.model_copy(update={"root": folder})}))
+        for key, folder in (("own_data", section.own_data), ("normal_dir", section.normal_dir))
+        if folder is not None
+    }
+
+
+STEP = Step(
+    name="step6_classifier",
+    title="DINOv3 attention-guided multitask classifier: train, evaluate on real test images",
+    run=run,
+    config_keys=(
+        "data.classes", "run.seed", "run.mixed_precision", "models.dinov3",
+        *(f"classifier.{key}" for key in ClassifierConfig.outcome_keys()),
+    ),
+    requires=required_steps,
+    input_fingerprint=user_folders,
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    step_main(STEP.name, argv)
+
+
+if __name__ == "__main__":
+    main()
