@@ -119,6 +119,8 @@ class ControlNetIds(Section):
     """ControlNet conditioned on depth maps."""
     normal: str | None = None
     """ControlNet conditioned on surface normals (NormalBae); null where none exists."""
+    canny: str | None = None
+    """ControlNet conditioned on Canny edges."""
 
 
 class ModelsConfig(Section):
@@ -133,6 +135,7 @@ class ModelsConfig(Section):
             softedge="lllyasviel/control_v11p_sd15_softedge",
             depth="lllyasviel/control_v11f1p_sd15_depth",
             normal="lllyasviel/control_v11p_sd15_normalbae",
+            canny="lllyasviel/control_v11p_sd15_canny",
         )
     )
     """SD 1.5 ControlNet v1.1 checkpoints."""
@@ -140,9 +143,12 @@ class ModelsConfig(Section):
         default_factory=lambda: ControlNetIds(
             softedge="SargeZT/controlnet-sd-xl-1.0-softedge-dexined",
             depth="diffusers/controlnet-depth-sdxl-1.0",
+            canny="diffusers/controlnet-canny-sdxl-1.0",
         )
     )
-    """SDXL ControlNet checkpoints (no public SDXL normal ControlNet: normal is skipped)."""
+    """SDXL ControlNet checkpoints (no public SDXL normal ControlNet: use `generation.union_controlnet` for normal maps)."""
+    controlnet_union_sdxl: str = "xinsir/controlnet-union-sdxl-1.0"
+    """SDXL union ControlNet (`ControlNetUnionModel`): one model for soft-edge, depth, normal and canny maps."""
     clip: str = "openai/clip-vit-large-patch14"
     """CLIP model for keyword ranking and CLIP score (ViT-L/14; `-336` also works)."""
     open_clip: str = "hf-hub:laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -344,26 +350,134 @@ class LoraConfigSection(TrainingSection):
     """Random 90-degree rotations (textures have no up direction)."""
 
 
+ControlType = Literal["softedge", "depth", "normal", "canny"]
+DetectorName = Literal["hed", "pidinet", "midas", "depth_anything", "normalbae", "canny"]
+LayoutAugmentation = Literal["hflip", "vflip", "rot90", "rot180", "rot270"]
+
+DETECTOR_CONTROL: dict[str, str] = {
+    "hed": "softedge",
+    "pidinet": "softedge",
+    "midas": "depth",
+    "depth_anything": "depth",
+    "normalbae": "normal",
+    "canny": "canny",
+}
+"""The control map each detector makes (`depth_anything` runs `models.depth` through transformers, the others
+come from controlnet_aux with the weights in `models.annotators`)."""
+SCHEDULERS_WITH_KARRAS = ("unipc", "dpmsolver++")
+
+
 class GenerationConfig(Section):
-    scheduler: Literal["ddim", "unipc", "dpmsolver++", "euler_a"] = "ddim"
-    """Sampler used by ControlNet generation."""
-    num_inference_steps: int = Field(30, ge=1)
+    controls: list[ControlType] = Field(default_factory=lambda: ["softedge", "depth"])
+    """Control maps extracted from each source image, one ControlNet each (several: diffusers' multi-ControlNet)."""
+    detectors: dict[ControlType, DetectorName] = Field(
+        default_factory=lambda: {"softedge": "hed", "depth": "depth_anything", "normal": "normalbae", "canny": "canny"}
+    )
+    """Detector per control: softedge `hed`/`pidinet`, depth `depth_anything` (models.depth)/`midas`, normal `normalbae`, canny `canny`."""
+    conditioning_scales: dict[ControlType, float] = Field(
+        default_factory=lambda: {"softedge": 1.0, "depth": 0.5, "normal": 0.5, "canny": 1.0}
+    )
+    """ControlNet conditioning scale per control."""
+    control_guidance_start: dict[ControlType, float] = Field(
+        default_factory=lambda: {"softedge": 0.0, "depth": 0.0, "normal": 0.0, "canny": 0.0}
+    )
+    """Fraction of the denoising steps after which each ControlNet starts acting."""
+    control_guidance_end: dict[ControlType, float] = Field(
+        default_factory=lambda: {"softedge": 1.0, "depth": 1.0, "normal": 1.0, "canny": 1.0}
+    )
+    """Fraction of the denoising steps after which each ControlNet stops acting."""
+    union_controlnet: bool = False
+    """SDXL only: one union ControlNet (`models.controlnet_union_sdxl`) for every control instead of one per control."""
+    control_cache_dir: Path | None = None
+    """Folder of cached control maps keyed by (image content, detector, resolution); null: `<step folder>/controls`.
+    Point several experiments at one folder to share maps."""
+    layout_augmentations: list[LayoutAugmentation] = Field(default_factory=list)
+    """Flips / rotations applied to maps, boxes and masks in turn with the unchanged layout (`[]`: off)."""
+    mode: Literal["txt2img", "img2img"] = "txt2img"
+    """`img2img` starts from the noised source image (keeps more real texture), `txt2img` from pure noise."""
+    strength: float = Field(0.75, gt=0.0, le=1.0)
+    """img2img: how much of the source is re-generated (1.0 ignores it)."""
+    scheduler: Literal["dpmsolver++", "unipc", "euler_a", "ddim"] = "dpmsolver++"
+    """Sampler: DPM++ multistep, UniPC, Euler ancestral or DDIM."""
+    use_karras_sigmas: bool = False
+    """Karras noise levels (`dpmsolver++` and `unipc` only)."""
+    num_inference_steps: int = Field(40, ge=1)
     """Denoising steps per image."""
-    guidance_scale: float = Field(7.5, ge=1.0)
+    guidance_scale: float = Field(7.0, ge=1.0)
     """Classifier-free guidance scale."""
     per_class_guidance: dict[str, float] = Field(default_factory=dict)
     """Class-specific guidance scales that override `guidance_scale`."""
     guidance_rescale: float = Field(0.0, ge=0.0, le=1.0)
-    """CFG rescale factor phi (0 disables it)."""
-    controls: list[Literal["softedge", "depth", "normal"]] = Field(default_factory=lambda: ["softedge"])
-    """Control signals extracted from each source image."""
-    conditioning_scales: dict[str, float] = Field(default_factory=lambda: {"softedge": 1.0, "depth": 0.5, "normal": 0.5})
-    """ControlNet conditioning scale per control."""
+    """CFG rescale factor phi (Lin et al. 2023; 0 disables it), applied by the step: the ControlNet pipelines ignore it."""
+    prompt_source: Literal["captions", "template"] = "captions"
+    """`captions`: each source image's Step 2 prompt; `template`: `prompt_template` with the class token."""
+    prompt_template: str = "a grayscale photo of {token} on a steel strip"
+    """Prompt when `prompt_source: template`; `{token}` is the Step 1 token (the class name without Step 1)."""
+    negative_prompt: str = "color, blurry, low quality, text, watermark, jpeg artifacts"
+    """Negative prompt of every image."""
+    use_textual_inversion: bool = True
+    """Load the Step 1 class tokens (required by `prompt_source: captions`)."""
+    use_lora: bool = True
+    """Load the Step 3 LoRA / DoRA adapters."""
+    lora_scale: float = Field(1.0, ge=0.0)
+    """Weight of the Step 3 adapters."""
     images_per_source: int = Field(2, ge=1)
-    """Synthetic images made from each real training image."""
+    """Synthetic images made from each real training image (when `images_per_class` is null)."""
+    images_per_class: int | None = Field(None, ge=1)
+    """Balanced output: this many images per class, cycling through the class's sources; overrides `images_per_source`."""
+    batch_size: int = Field(4, ge=1)
+    """Images per pipeline call (per process); an image's pixels depend on its own seed only."""
     resolution: int = Field(512, ge=32)
-    """Generation resolution (boxes are rescaled back to the source size)."""
+    """Generation resolution (a multiple of 8: the VAE downsamples by 8 on real models)."""
+    output_size: int | None = Field(None, ge=8)
+    """Side of the saved images (boxes scaled to it); null: the source image's size (200 for NEU-DET)."""
+    output_mode: Literal["L", "RGB"] = "L"
+    """Saved colour mode: `L` grayscale like the real data, or `RGB`."""
+    channels_last: bool = False
+    """GPU option: channels-last memory format for the UNet and ControlNets."""
+    compile: bool = False
+    """GPU option: `torch.compile` the UNet and ControlNets (CUDA only; ignored on CPU)."""
+    vae_slicing: bool = False
+    """Decode a batch one image at a time (less memory)."""
+    vae_tiling: bool = False
+    """Decode in tiles (less memory at high resolution)."""
+    cpu_offload: bool = False
+    """GPU option: model CPU offload (accelerate) for small GPUs; single process only; ignored on CPU."""
 
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_has_token_slot(cls, template: str) -> str:
+        return check_template("generation.prompt_template", template, "token")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GenerationConfig:
+        if not self.controls or len(set(self.controls)) != len(self.controls):
+            raise ValueError(f"generation.controls={self.controls} must be a non-empty list without repeats")
+        for control in self.controls:
+            detector = self.detectors.get(control)
+            if detector is None:
+                raise ValueError(f"generation.detectors has no detector for control {control!r}; set generation.detectors.{control}=...")
+            if DETECTOR_CONTROL[detector] != control:
+                allowed = [name for name, made in DETECTOR_CONTROL.items() if made == control]
+                raise ValueError(f"generation.detectors.{control}={detector!r} makes {DETECTOR_CONTROL[detector]} maps; use one of {allowed}")
+            for key in ("conditioning_scales", "control_guidance_start", "control_guidance_end"):
+                if control not in getattr(self, key):
+                    raise ValueError(f"generation.{key} has no value for control {control!r}; set generation.{key}.{control}=...")
+            if not 0 <= self.control_guidance_start[control] < self.control_guidance_end[control] <= 1:
+                raise ValueError(
+                    f"generation.control_guidance_start.{control} must be < control_guidance_end.{control}, both in [0, 1]"
+                )
+        if self.use_karras_sigmas and self.scheduler not in SCHEDULERS_WITH_KARRAS:
+            raise ValueError(
+                f"generation.use_karras_sigmas=true needs a scheduler that has them ({', '.join(SCHEDULERS_WITH_KARRAS)}), "
+                f"not {self.scheduler!r}"
+            )
+        if self.prompt_source == "captions" and not self.use_textual_inversion:
+            raise ValueError(
+                "generation.prompt_source=captions uses the Step 2 prompts, which hold the Step 1 tokens: set "
+                "generation.use_textual_inversion=true or generation.prompt_source=template"
+            )
+        return self
 
 class CurationConfig(Section):
     memorised_similarity: float = Field(0.95, gt=0, le=1)
@@ -421,7 +535,7 @@ class EvaluationConfig(Section):
     kid_subsets: int = Field(100, ge=2)
     """KID subsets (mean and std over them)."""
     kid_subset_size: int = Field(1000, ge=2)
-    """Images per KID subset, capped at the smaller side's size (the size used is reported)."""
+    """Images per KID subset, capped at half the smaller side so that subsets differ (the size used is reported)."""
     pr_neighbourhood: int = Field(3, ge=1)
     """k of the k-NN manifolds of precision and recall (Kynkäänniemi et al. 2019)."""
     lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
@@ -601,6 +715,23 @@ class PipelineConfig(Section):
     """Step 5: fidelity and diversity metrics, curation, YOLO utility, report."""
     classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
     """Step 6: the DINOv3 attention-guided multitask classifier (train, evaluate, predict, export)."""
+
+    @model_validator(mode="after")
+    def _controlnets_exist_for_the_pipeline(self) -> PipelineConfig:
+        generation, family = self.generation, self.models.pipeline
+        if generation.union_controlnet:
+            if family != "sdxl":
+                raise ValueError("generation.union_controlnet=true needs models.pipeline=sdxl (the union ControlNet is an SDXL model)")
+            return self
+        ids = getattr(self.models, f"controlnet_{family}")
+        for control in generation.controls:
+            if getattr(ids, control) is None:
+                hint = " or generation.union_controlnet=true" if family == "sdxl" else ""
+                raise ValueError(
+                    f"generation.controls has {control!r} but models.controlnet_{family}.{control} is null: set it to a "
+                    f"ControlNet for {family}, remove {control!r} from generation.controls{hint}"
+                )
+        return self
 
     def section(self, dotted: str) -> Any:
         """The value at a dotted key such as `data.split`."""

@@ -7,9 +7,10 @@ one line naming the config key and the fix.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -53,6 +54,18 @@ class _DropMessage(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def drop_log_messages(logger_name: str, prefix: str) -> Iterator[None]:
+    """Inside the block, drop the messages of `logger_name` that start with `prefix` (an expected, harmless notice)."""
+    message_filter = _DropMessage(prefix)
+    logger = logging.getLogger(logger_name)
+    logger.addFilter(message_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(message_filter)
 
 
 @functools.cache

@@ -48,6 +48,8 @@ def smoke_overrides(tiny_models_dir: Path, output_dir: Path) -> list[str]:
         f"models.controlnet_sd15.normal={tiny_models_dir / 'controlnet-sd15-normal'}",
         f"models.controlnet_sdxl.softedge={tiny_models_dir / 'controlnet-sdxl-softedge'}",
         f"models.controlnet_sdxl.depth={tiny_models_dir / 'controlnet-sdxl-depth'}",
+        f"models.controlnet_union_sdxl={tiny_models_dir / 'controlnet-sdxl-union'}",
+        f"models.annotators={tiny_models_dir / 'annotators'}",
         f"models.clip={tiny_models_dir / 'clip'}",
         f"models.open_clip=local-dir:{tiny_models_dir / 'open_clip'}",
         f"models.blip2={tiny_models_dir / 'blip2'}",

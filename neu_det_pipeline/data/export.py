@@ -54,8 +54,11 @@ def boxes_from_yolo(text: str, width: int, height: int, classes: list[str]) -> l
     return boxes
 
 
-def write_yolo_data_yaml(yolo_dir: Path, classes: list[str], splits: Iterable[str]) -> Path:
-    """`data.yaml` without `path:` so ultralytics resolves the splits next to the file (relocatable)."""
-    payload: dict = {split: f"images/{split}" for split in splits}
+def write_yolo_data_yaml(yolo_dir: Path, classes: list[str], splits: Iterable[str] | dict[str, str]) -> Path:
+    """`data.yaml` without `path:` so ultralytics resolves the splits next to the file (relocatable).
+
+    `splits`: split names (images in `images/<split>`), or split name -> image folder relative to `yolo_dir`.
+    """
+    payload: dict = dict(splits) if isinstance(splits, dict) else {split: f"images/{split}" for split in splits}
     payload.update(nc=len(classes), names=dict(enumerate(classes)))
     return atomic_write_text(yolo_dir / "data.yaml", yaml.safe_dump(payload, sort_keys=False))

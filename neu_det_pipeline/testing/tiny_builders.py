@@ -18,6 +18,7 @@ import torch
 from diffusers import (
     AutoencoderKL,
     ControlNetModel,
+    ControlNetUnionModel,
     EulerDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
@@ -155,25 +156,27 @@ def _sd15_unet(seed: int) -> UNet2DConditionModel:
     )
 
 
+SDXL_UNET_BLOCKS = {
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    # SDXL order: no attention in the highest-resolution block.
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "transformer_layers_per_block": (1, 2),
+    "attention_head_dim": (2, 4),
+    "use_linear_projection": True,
+    # Prompt embeddings are both text encoders' hidden states concatenated.
+    "cross_attention_dim": 2 * TINY_TRANSFORMER["hidden_size"],
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": SDXL_TIME_EMBED_DIM,
+    # Six micro-conditioning numbers (original size, crop, target size) + the pooled text embedding.
+    "projection_class_embeddings_input_dim": 6 * SDXL_TIME_EMBED_DIM + SDXL_POOLED_DIM,
+}
+"""The SDXL UNet's down path, shared by the tiny SDXL UNet and the ControlNets built to match it."""
+
+
 def _sdxl_unet(seed: int) -> UNet2DConditionModel:
     torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=32,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        # SDXL order: no attention in the highest-resolution block.
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        # Prompt embeddings are both text encoders' hidden states concatenated.
-        cross_attention_dim=2 * TINY_TRANSFORMER["hidden_size"],
-        addition_embed_type="text_time",
-        addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
-        # Six micro-conditioning numbers (original size, crop, target size) + the pooled text embedding.
-        projection_class_embeddings_input_dim=6 * SDXL_TIME_EMBED_DIM + SDXL_POOLED_DIM,
-    )
+    return UNet2DConditionModel(sample_size=32, up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), **SDXL_UNET_BLOCKS)
 
 
 def _seeded_clip_text_model(
@@ -217,17 +220,49 @@ def _save_sdxl(folder: Path, seed: int) -> None:
     pipeline.save_pretrained(folder)
 
 
+def _randomise_zero_outputs(layers: list[torch.nn.Module], seed: int) -> None:
+    """ControlNets start with zero output layers, which would make them a no-op; random ones (different per
+    control type) let tests see the control image steer generation."""
+    generator = torch.Generator().manual_seed(seed)
+    for layer in layers:
+        torch.nn.init.normal_(layer.weight, std=0.1, generator=generator)
+
+
 def _save_controlnet(folder: Path, seed: int, base_unet: Callable[[int], UNet2DConditionModel], control: str) -> None:
     unet = base_unet(seed)
     torch.manual_seed(seed)
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CONTROLNET_CONDITIONING_CHANNELS)
-    # from_unet zero-initialises the output convolutions, which would make the ControlNet a no-op;
-    # random ones (different per control type) let tests see the control image steer generation.
-    generator = torch.Generator().manual_seed(seed + zlib.crc32(control.encode()))
-    zero_convs = [controlnet.controlnet_cond_embedding.conv_out, *controlnet.controlnet_down_blocks]
-    for conv in [*zero_convs, controlnet.controlnet_mid_block]:
-        torch.nn.init.normal_(conv.weight, std=0.1, generator=generator)
+    zero_layers = [controlnet.controlnet_cond_embedding.conv_out, *controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
+    _randomise_zero_outputs(zero_layers, seed + zlib.crc32(control.encode()))
     controlnet.save_pretrained(folder)
+
+
+def _save_controlnet_union(folder: Path, seed: int) -> None:
+    """An SDXL union ControlNet (xinsir/controlnet-union-sdxl-1.0 layout): one model, a control-type embedding."""
+    torch.manual_seed(seed)
+    width = SDXL_UNET_BLOCKS["block_out_channels"][0]
+    controlnet = ControlNetUnionModel(
+        **SDXL_UNET_BLOCKS, conditioning_embedding_out_channels=CONTROLNET_CONDITIONING_CHANNELS,
+        num_trans_channel=width, num_proj_channel=width, num_trans_head=2,
+    )
+    zero_layers = [
+        controlnet.controlnet_cond_embedding.conv_out, *controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+        controlnet.spatial_ch_projs,
+    ]
+    _randomise_zero_outputs(zero_layers, seed + zlib.crc32(b"union"))
+    controlnet.save_pretrained(folder)
+
+
+def _save_annotators(folder: Path, seed: int) -> None:
+    """A PiDiNet soft-edge annotator under the file name lllyasviel/Annotators uses (`PidiNetDetector.from_pretrained`).
+
+    The other annotators' networks are large (HED 15 M, NormalBae 72 M parameters); tests build those in place.
+    """
+    from neu_det_pipeline.generation.controls import controlnet_aux_modules
+
+    torch.manual_seed(seed)
+    network = controlnet_aux_modules().pidi.pidinet()
+    torch.save({"state_dict": network.state_dict()}, folder / "table5_pidinet.pth")
 
 
 def _save_clip(folder: Path, seed: int) -> None:
@@ -334,6 +369,8 @@ BUILDERS: dict[str, Callable[[Path, int], None]] = {
         f"controlnet-sdxl-{control}": partial(_save_controlnet, base_unet=_sdxl_unet, control=control)
         for control in ("softedge", "depth")
     },
+    "controlnet-sdxl-union": _save_controlnet_union,
+    "annotators": _save_annotators,
     "clip": _save_clip,
     "blip2": _save_blip2,
     "open_clip": _save_open_clip,

@@ -7,7 +7,8 @@ pipeline loads a folder from here through exactly the code it uses for a hub id:
                            StableDiffusionControlNetPipeline.from_pretrained(folder, controlnet=[...])
     sdxl                   StableDiffusionXLPipeline folder (two text encoders), also for the ControlNet variant
     controlnet-sd15-*      ControlNetModel matching sd15: softedge, depth, normal
-    controlnet-sdxl-*      ControlNetModel matching sdxl: softedge, depth
+    controlnet-sdxl-*      ControlNetModel matching sdxl: softedge, depth; ControlNetUnionModel: union
+    annotators             controlnet_aux annotator weights (lllyasviel/Annotators file names): PiDiNet
     clip                   CLIPModel + CLIPProcessor
     blip2                  Blip2ForConditionalGeneration (OPT language model) + Blip2Processor
     open_clip              open_clip.create_model_and_transforms / get_tokenizer("local-dir:<folder>"),
@@ -40,6 +41,8 @@ TINY_MODEL_NAMES: tuple[str, ...] = (
     "controlnet-sd15-normal",
     "controlnet-sdxl-softedge",
     "controlnet-sdxl-depth",
+    "controlnet-sdxl-union",
+    "annotators",
     "clip",
     "blip2",
     "open_clip",

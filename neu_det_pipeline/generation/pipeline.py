@@ -1,0 +1,285 @@
+"""The diffusers ControlNet pipeline Step 4 generates with, built from the config.
+
+One class picks the pipeline (SD 1.5 or SDXL; txt2img or img2img; one ControlNet per control, diffusers'
+multi-ControlNet for several, or SDXL's union ControlNet), the sampler, the Step 1 tokens, the Step 3
+adapters and the GPU options, then makes a batch of images with one CPU generator per image, so an image's
+pixels depend on its own seed and inputs, not on its batch or process.
+
+CFG rescale (Lin et al. 2023, diffusers' `rescale_noise_cfg`) is applied here: the ControlNet pipelines
+accept `guidance_rescale=` and ignore it. A forward hook on the UNet rewrites the conditional half of its
+output so that the pipeline's own `uncond + g * (cond - uncond)` equals the rescaled guidance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    ControlNetModel,
+    ControlNetUnionModel,
+    DDIMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionXLControlNetImg2ImgPipeline,
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLControlNetUnionImg2ImgPipeline,
+    StableDiffusionXLControlNetUnionPipeline,
+    UniPCMultistepScheduler,
+)
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+from PIL import Image
+from safetensors import safe_open
+
+from neu_det_pipeline.artifacts import LORA_WEIGHTS_FILE, TOKEN_MAP_FILE
+from neu_det_pipeline.config import PipelineConfig
+from neu_det_pipeline.errors import PipelineError
+from neu_det_pipeline.io import read_json
+from neu_det_pipeline.models import drop_log_messages, load_model
+from neu_det_pipeline.training.diffusion import base_model
+from neu_det_pipeline.training.textual_inversion import load_learned_embeddings
+
+SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
+    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "unipc": (UniPCMultistepScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "ddim": (DDIMScheduler, {}),
+}
+PIPELINES: dict[tuple[str, str, bool], type[DiffusionPipeline]] = {
+    # (family, mode, union ControlNet)
+    ("sd15", "txt2img", False): StableDiffusionControlNetPipeline,
+    ("sd15", "img2img", False): StableDiffusionControlNetImg2ImgPipeline,
+    ("sdxl", "txt2img", False): StableDiffusionXLControlNetPipeline,
+    ("sdxl", "img2img", False): StableDiffusionXLControlNetImg2ImgPipeline,
+    ("sdxl", "txt2img", True): StableDiffusionXLControlNetUnionPipeline,
+    ("sdxl", "img2img", True): StableDiffusionXLControlNetUnionImg2ImgPipeline,
+}
+UNION_CONTROL_MODES = {"depth": 1, "softedge": 2, "canny": 3, "normal": 4}
+"""Control type index of xinsir/controlnet-union-sdxl-1.0 (0 openpose, 1 depth, 2 hed/pidi/scribble, 3 canny/lineart,
+4 normal, 5 segmentation)."""
+LORA_ADAPTER = "step3"
+
+
+def sha256_of_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------- CFG rescale
+
+
+def rescaled_conditional(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float, rescale: float) -> torch.Tensor:
+    """The conditional prediction that makes `uncond + g * (cond' - uncond)` equal the rescaled guided prediction."""
+    guided = uncond + guidance_scale * (cond - uncond)
+    target = rescale_noise_cfg(guided, cond, guidance_rescale=rescale)
+    return uncond + (target - uncond) / guidance_scale
+
+
+@contextlib.contextmanager
+def cfg_rescale(unet: torch.nn.Module, guidance_scale: float, rescale: float) -> Iterator[None]:
+    """Apply CFG rescale to every UNet call inside the block (the batch is [unconditional; conditional])."""
+    if rescale == 0 or guidance_scale <= 1:
+        yield  # phi = 0 is plain CFG; without CFG (g <= 1) there is nothing to rescale
+        return
+
+    def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
+        sample = output[0] if isinstance(output, tuple) else output.sample
+        uncond, cond = sample.chunk(2)
+        sample = torch.cat([uncond, rescaled_conditional(uncond, cond, guidance_scale, rescale)])
+        return (sample, *output[1:]) if isinstance(output, tuple) else UNet2DConditionOutput(sample=sample)
+
+    handle = unet.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# -------------------------------------------------------------------------------------- pipeline
+
+
+@dataclass
+class GenerationModels:
+    """What a synthetic image was made with, recorded in every manifest row."""
+
+    base: str
+    controlnets: dict[str, str]
+    lora_sha256: str | None = None
+    token_sha256: str | None = None
+    tokens: dict[str, str] = field(default_factory=dict)
+    """Class -> Step 1 token (empty without Step 1)."""
+
+
+def step1_tokens(step1_dir: Path) -> tuple[dict[str, str], str]:
+    """Class -> token and the hash of the token files; one error line when Step 1's outputs are missing."""
+    token_map_path = step1_dir / TOKEN_MAP_FILE
+    if not token_map_path.is_file():
+        raise PipelineError(
+            f"{token_map_path} is missing: generation.use_textual_inversion=true needs Step 1; run "
+            "`python -m neu_det_pipeline.step1_textual_inversion --config <same config>` or set generation.use_textual_inversion=false "
+            "generation.prompt_source=template"
+        )
+    token_map = read_json(token_map_path)
+    files = [token_map_path] + [step1_dir / name for entry in token_map.values() for name in entry["files"].values()]
+    return {name: entry["token"] for name, entry in token_map.items()}, sha256_of_files(files)
+
+
+def step3_lora_file(step3_dir: Path) -> Path:
+    path = step3_dir / LORA_WEIGHTS_FILE
+    if not path.is_file():
+        raise PipelineError(
+            f"{path} is missing: generation.use_lora=true needs Step 3; run `python -m neu_det_pipeline.step3_lora "
+            "--config <same config>` or set generation.use_lora=false"
+        )
+    return path
+
+
+def _quiet_if_unet_only(lora_file: Path) -> contextlib.AbstractContextManager:
+    """diffusers warns that a text encoder got no LoRA keys; for adapters trained on the UNet alone that is expected."""
+    with safe_open(lora_file, "pt") as file:
+        text_encoder_keys = any(key.startswith("text_encoder") for key in file.keys())
+    return contextlib.nullcontext() if text_encoder_keys else drop_log_messages("diffusers.loaders.lora_base", "No LoRA keys associated to")
+
+
+def controlnet_ids(config: PipelineConfig) -> dict[str, tuple[str, str]]:
+    """Control (or `union`) -> (config key, model id) of the ControlNets the config asks for."""
+    if config.generation.union_controlnet:
+        return {"union": ("models.controlnet_union_sdxl", config.models.controlnet_union_sdxl)}
+    family = config.models.pipeline
+    ids = getattr(config.models, f"controlnet_{family}")
+    return {control: (f"models.controlnet_{family}.{control}", getattr(ids, control)) for control in config.generation.controls}
+
+
+class ControlNetGenerator:
+    """A loaded ControlNet pipeline; `generate` makes one batch."""
+
+    def __init__(self, config: PipelineConfig, device: torch.device, dtype: torch.dtype, step1_dir: Path, step3_dir: Path):
+        section, family = config.generation, config.models.pipeline
+        self.section, self.family, self.device = section, family, device
+        base_key, base_id = base_model(config)
+        self.controlnet_ids = controlnet_ids(config)
+        self.controlnets = self._load_controlnets(config, dtype)
+        pipeline_class = PIPELINES[(family, section.mode, section.union_controlnet)]
+        controlnet = next(iter(self.controlnets.values())) if len(self.controlnets) == 1 else list(self.controlnets.values())
+        extra = {"safety_checker": None, "requires_safety_checker": False} if family == "sd15" else {}
+        self.pipe = load_model(
+            base_key, base_id, lambda: pipeline_class.from_pretrained(base_id, controlnet=controlnet, dtype=dtype, **extra)
+        )
+        self._check_controlnets_fit_the_unet(config)
+        scheduler_class, options = SCHEDULERS[section.scheduler]
+        if section.use_karras_sigmas:
+            options = {**options, "use_karras_sigmas": True}
+        self.pipe.scheduler = scheduler_class.from_config(self.pipe.scheduler.config, **options)
+        self.pipe.set_progress_bar_config(disable=True)
+
+        self.models = GenerationModels(base=base_id, controlnets={c: model_id for c, (_, model_id) in self.controlnet_ids.items()})
+        if section.use_textual_inversion:
+            self.models.tokens, self.models.token_sha256 = step1_tokens(step1_dir)
+            load_learned_embeddings(self.pipe, step1_dir)
+        if section.use_lora:
+            lora_file = step3_lora_file(step3_dir)
+            self.models.lora_sha256 = sha256_of_files([lora_file])
+            with _quiet_if_unet_only(lora_file):
+                self.pipe.load_lora_weights(str(step3_dir), weight_name=LORA_WEIGHTS_FILE, adapter_name=LORA_ADAPTER)
+            self.pipe.set_adapters([LORA_ADAPTER], adapter_weights=[section.lora_scale])
+        self._apply_gpu_options()
+
+    def _load_controlnets(self, config: PipelineConfig, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+        loaded = {}
+        for control, (key, model_id) in self.controlnet_ids.items():
+            model_class = ControlNetUnionModel if control == "union" else ControlNetModel
+            loaded[control] = load_model(key, model_id, lambda: model_class.from_pretrained(model_id, dtype=dtype))
+        return loaded
+
+    def _check_controlnets_fit_the_unet(self, config: PipelineConfig) -> None:
+        """An SD 1.5 ControlNet on SDXL (or the reverse) fails deep inside the first call; say which key is wrong."""
+        expected = self.pipe.unet.config.cross_attention_dim
+        family = config.models.pipeline
+        for control, controlnet in self.controlnets.items():
+            if controlnet.config.cross_attention_dim != expected:
+                key, model_id = self.controlnet_ids[control]
+                raise PipelineError(
+                    f"{key}={model_id!r} is not a ControlNet for models.{family} (cross-attention width "
+                    f"{controlnet.config.cross_attention_dim}, the UNet's is {expected}); set {key} to a {family} ControlNet"
+                )
+
+    def _apply_gpu_options(self) -> None:
+        section, pipe = self.section, self.pipe
+        networks = [pipe.unet, *self.controlnets.values()]
+        if section.channels_last:
+            for network in networks:
+                network.to(memory_format=torch.channels_last)
+        if section.vae_slicing:
+            pipe.vae.enable_slicing()
+        if section.vae_tiling:
+            pipe.vae.enable_tiling()
+        cuda = self.device.type == "cuda"
+        if section.cpu_offload and cuda:
+            pipe.enable_model_cpu_offload(device=self.device)  # moves each model to the GPU only while it runs
+        else:
+            pipe.to(self.device)
+        if section.compile and cuda:
+            pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs", fullgraph=False)
+            pipe.controlnet = torch.compile(pipe.controlnet, mode="max-autotune-no-cudagraphs", fullgraph=False)
+
+    @property
+    def gpu_options_ignored(self) -> list[str]:
+        """GPU-only options that were set but do nothing on this device (reported in the summary)."""
+        if self.device.type == "cuda":
+            return []
+        return [name for name in ("compile", "cpu_offload") if getattr(self.section, name)]
+
+    def control_arguments(self, maps: dict[str, list[Image.Image]]) -> dict[str, Any]:
+        """The pipeline's control keyword arguments for per-control lists of maps (one map per image)."""
+        section, controls = self.section, self.section.controls
+        scales = [section.conditioning_scales[c] for c in controls]
+        starts = [section.control_guidance_start[c] for c in controls]
+        ends = [section.control_guidance_end[c] for c in controls]
+        image_key = "control_image" if section.mode == "img2img" or section.union_controlnet else "image"
+        if section.union_controlnet:
+            # One union model sees every map; start / end apply to it as a whole.
+            return {
+                image_key: [maps[c] for c in controls], "control_mode": [UNION_CONTROL_MODES[c] for c in controls],
+                "controlnet_conditioning_scale": scales, "control_guidance_start": min(starts), "control_guidance_end": max(ends),
+            }
+        if len(controls) == 1:
+            return {
+                image_key: maps[controls[0]], "controlnet_conditioning_scale": scales[0],
+                "control_guidance_start": starts[0], "control_guidance_end": ends[0],
+            }
+        return {
+            # Multi-ControlNet takes one list of maps per image, one map per ControlNet.
+            image_key: [[maps[c][i] for c in controls] for i in range(len(maps[controls[0]]))],
+            "controlnet_conditioning_scale": scales, "control_guidance_start": starts, "control_guidance_end": ends,
+        }
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: list[str], seeds: list[int], guidance_scale: float, maps: dict[str, list[Image.Image]],
+        init_images: list[Image.Image] | None = None,
+    ) -> list[Image.Image]:
+        """One pipeline call for a batch (one guidance scale); returns RGB images at `generation.resolution`."""
+        section = self.section
+        # CPU generators: the starting noise of a seed is the same on every device and in every batch.
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        kwargs: dict[str, Any] = dict(
+            prompt=prompts, negative_prompt=[section.negative_prompt] * len(prompts),
+            num_inference_steps=section.num_inference_steps, guidance_scale=guidance_scale, generator=generators,
+            height=section.resolution, width=section.resolution, output_type="pil", **self.control_arguments(maps),
+        )
+        if section.mode == "img2img":
+            kwargs.update(image=init_images, strength=section.strength)
+        with cfg_rescale(self.pipe.unet, guidance_scale, section.guidance_rescale):
+            return self.pipe(**kwargs).images

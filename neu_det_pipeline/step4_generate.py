@@ -1,0 +1,166 @@
+"""Step 4: labelled synthetic defects from ControlNet (soft-edge / depth / normal / canny maps of real images).
+
+    python -m neu_det_pipeline.step4_generate --config configs/smoke.yaml
+    accelerate launch -m neu_det_pipeline.step4_generate --config configs/base.yaml data.root=/data/NEU-DET
+
+Each Step 0 training image gives control maps (cached by content) and `generation.images_per_source` images
+(or `images_per_class` per class), made with the Step 1 tokens, the Step 2 prompt and the Step 3 adapters; every
+image keeps its source's boxes. Several processes (`accelerate launch --num_processes N`) share the work list;
+the result equals a single-process run. A killed run continues with the same command, making only what is
+missing.
+
+Outputs in `<run.output_dir>/step4_generate/` (later steps rely on this layout):
+    images/<class>/<name>.png       synthetic image at the source size, grayscale (`generation.output_*`)
+    labels/<name>.xml               Pascal VOC boxes, the source's boxes in output coordinates
+    masks/<name>.png                0/255 box mask
+    yolo/images/, yolo/labels/      the same as an ultralytics dataset; yolo/data.yaml names = Step 0's
+    manifest.jsonl                  one row per image: files, source, class, boxes, prompt, seed, controls, sampler,
+                                    guidance, models, LoRA / token hashes, augmentation (sorted by name)
+    controls/<detector>-<res>-<weights>/<sha256>.png   control-map cache (`generation.control_cache_dir`)
+    contact_sheets/<class>.png      per source: the real image, its maps, its synthetic images with boxes
+    summary.json                    counts per class, maps made / cached, images/s, models, ignored GPU options
+`<name>` is `<source id>-s<index>` with `-<augmentation>` when `generation.layout_augmentations` moved the layout.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from accelerate import PartialState
+from rich.table import Table
+
+from neu_det_pipeline.artifacts import train_rows
+from neu_det_pipeline.cli import step_main
+from neu_det_pipeline.config import GenerationConfig, PipelineConfig
+from neu_det_pipeline.generation.controls import ControlMapCache
+from neu_det_pipeline.generation.maker import SyntheticImageMaker
+from neu_det_pipeline.generation.outputs import (
+    ManifestPart,
+    finished_rows,
+    merge_manifest,
+    save_contact_sheets,
+    sheet_source_ids,
+)
+from neu_det_pipeline.generation.pipeline import ControlNetGenerator, step1_tokens
+from neu_det_pipeline.generation.plan import batches, build_plan, template_prompts
+from neu_det_pipeline.models import inference_dtype, resolve_device
+from neu_det_pipeline.recipe import Step, StepContext, console
+from neu_det_pipeline.training.lora import caption_prompts
+
+SPEED_ONLY_KEYS = {"batch_size", "channels_last", "compile", "vae_slicing", "vae_tiling", "cpu_offload", "control_cache_dir"}
+"""Generation keys that change how fast images are made, not which: changing them keeps finished images."""
+
+
+def required_steps(config: PipelineConfig) -> tuple[str, ...]:
+    section = config.generation
+    wanted = {
+        "step0_prepare": True,
+        "step1_textual_inversion": section.use_textual_inversion,
+        "step2_captions": section.prompt_source == "captions",
+        "step3_lora": section.use_lora,
+    }
+    return tuple(name for name, needed in wanted.items() if needed)
+
+
+def source_prompts(ctx: StepContext, rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Source id -> prompt: its Step 2 caption, or the template with the class token (class name without Step 1)."""
+    section = ctx.config.generation
+    tokens = step1_tokens(ctx.upstream_dir("step1_textual_inversion"))[0] if section.use_textual_inversion else None
+    if section.prompt_source == "captions":
+        return caption_prompts(ctx.upstream_dir("step2_captions"), rows, tokens)
+    return template_prompts(section.prompt_template, rows, tokens)
+
+
+def run(ctx: StepContext) -> dict[str, Any]:
+    cfg, section, out_dir = ctx.config, ctx.config.generation, ctx.out_dir
+    state = PartialState()
+    state.wait_for_everyone()  # rank 0 has prepared (possibly wiped) the folder before any rank reads it
+
+    # 1. The plan: every image, fixed by the config and the upstream outputs.
+    rows = train_rows(ctx.upstream_dir("step0_prepare"))
+    plan = build_plan(section, rows, source_prompts(ctx, rows), cfg.run.seed)
+    done = finished_rows(out_dir)
+    pending = [item for item in plan if item.name not in done]
+    mine = batches(pending, section.batch_size, state.process_index, state.num_processes)
+
+    # 2. This process's share, batch by batch; the pipeline loads only if there is work.
+    device = state.device if state.num_processes > 1 else resolve_device(cfg.run.device)
+    dtype = inference_dtype(device, cfg.run.mixed_precision)
+    cache = ControlMapCache(Path(section.control_cache_dir) if section.control_cache_dir else out_dir / "controls")
+    maker = SyntheticImageMaker(
+        cfg, lambda: ControlNetGenerator(cfg, device, dtype, ctx.upstream_dir("step1_textual_inversion"), ctx.upstream_dir("step3_lora")),
+        cache, device, out_dir,
+    )
+    part = ManifestPart(out_dir, state.process_index)
+    started = time.perf_counter()
+    for batch in ctx.track(mine, len(mine), f"generating {len(pending)} images"):
+        part.append(maker.make(batch))
+    elapsed = time.perf_counter() - started
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return {}
+
+    # 3. One manifest, the YOLO dataset file, contact sheets.
+    manifest = merge_manifest(out_dir, [item.name for item in plan], cfg.data.classes)
+    sources = {row["id"]: row for row in rows}
+    sheet_sources = sheet_source_ids(manifest)
+    maps = {sid: {c: maker.control_map(sources[sid], c)[1] for c in section.controls} for sid in sheet_sources}
+    sheets = save_contact_sheets(out_dir, manifest, {sid: maker.source_path(sources[sid]) for sid in sheet_sources}, maps)
+
+    per_class = Counter(row["class"] for row in manifest)
+    console.print(_class_table(per_class, Counter(item.image_class for item in pending)))
+    generator = maker.loaded_generator
+    return {
+        "pipeline": cfg.models.pipeline,
+        "processes": state.num_processes,
+        "images": len(manifest),
+        "images_generated": len(pending),
+        "images_from_earlier_run": len(plan) - len(pending),
+        "images_per_class": dict(per_class),
+        "images_per_s": round(maker.stats.images / elapsed, 3) if maker.stats.images else None,
+        "generation_s": round(maker.stats.generation_s, 3),
+        "control_maps_made": maker.stats.maps_made,
+        "control_maps_cached": maker.stats.maps_cached,
+        "control_cache": str(cache.root),
+        "controls": list(section.controls),
+        "scheduler": section.scheduler,
+        "mode": section.mode,
+        "models": None if generator is None else {"base": generator.models.base, "controlnets": generator.models.controlnets},
+        "gpu_options_ignored_on_cpu": [] if generator is None else generator.gpu_options_ignored,
+        "contact_sheets": sheets,
+        "outputs": {"manifest": "manifest.jsonl", "images": "images/", "labels": "labels/", "masks": "masks/", "yolo": "yolo/data.yaml"},
+    }
+
+
+def _class_table(per_class: Counter, generated_now: Counter) -> Table:
+    table = Table(title="step4_generate: synthetic images per class", title_justify="left")
+    for column in ("class", "images", "made now"):
+        table.add_column(column)
+    for name, count in sorted(per_class.items()):
+        table.add_row(name, str(count), str(generated_now.get(name, 0)))
+    return table
+
+
+STEP = Step(
+    name="step4_generate",
+    title="ControlNet generation of labelled synthetic defects",
+    run=run,
+    config_keys=(
+        *(f"generation.{name}" for name in GenerationConfig.model_fields if name not in SPEED_ONLY_KEYS),
+        "models.pipeline", "models.sd15", "models.sdxl", "models.controlnet_sd15", "models.controlnet_sdxl",
+        "models.controlnet_union_sdxl", "models.annotators", "models.depth",
+        "run.seed", "run.mixed_precision", "data.classes",
+    ),
+    requires=required_steps,
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    step_main(STEP.name, argv)
+
+
+if __name__ == "__main__":
+    main()
