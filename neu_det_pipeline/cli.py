@@ -6,6 +6,8 @@
     neu-det list-steps
     neu-det predict --checkpoint FILE IMAGE_OR_DIR --out DIR
     neu-det export-onnx --checkpoint FILE --out FILE.onnx
+    neu-det metrics REAL_DIR SYNTH_DIR [--out DIR] [--config PATH] [key=value ...]
+    neu-det compare RUN_DIR RUN_DIR [...] [--out DIR]
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ STEP_LAUNCHERS = {
     "step2_captions": "python",
     "step3_lora": "accelerate",
     "step4_generate": "accelerate",
+    "step5_evaluate": "python",
     "step6_classifier": "accelerate",
 }
 """Pipeline steps in run order (each module defines `STEP`) and how a GPU node starts them: training steps
@@ -126,6 +129,15 @@ def main(argv: list[str] | None = None) -> None:
     export = commands.add_parser("export-onnx", help="export a Step 6 checkpoint to ONNX (dynamic batch), checked against onnxruntime")
     export.add_argument("--checkpoint", required=True, type=Path)
     export.add_argument("--out", required=True, type=Path, help="the .onnx file to write")
+    metrics = commands.add_parser("metrics", help="image metrics (KID, FID, precision/recall, LPIPS, LBP) of SYNTH_DIR against REAL_DIR")
+    metrics.add_argument("real_dir", type=Path, help="NEU-DET folder, YOLO dataset, class subfolders or Step 4 folder")
+    metrics.add_argument("synth_dir", type=Path, help="the same layouts")
+    metrics.add_argument("--out", type=Path, default=Path("metrics"), help="folder for metrics.json and report.html")
+    metrics.add_argument("--config", type=Path, default=None, help="YAML config for the `evaluation` and `models` keys (default: built-in defaults)")
+    metrics.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. evaluation.features=[clip]")
+    compare = commands.add_parser("compare", help="Step 5 results of several runs side by side, with their config differences")
+    compare.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="run.output_dir of each run; the first is the baseline")
+    compare.add_argument("--out", type=Path, default=Path("compare"), help="folder for compare.md and compare.html")
     args = parser.parse_args(argv)
 
     with user_errors():
@@ -145,6 +157,14 @@ def main(argv: list[str] | None = None) -> None:
             from neu_det_pipeline.classifier.cli import export_command
 
             export_command(args)
+        elif args.command == "metrics":
+            from neu_det_pipeline.evaluation.commands import metrics_command
+
+            metrics_command(args.real_dir, args.synth_dir, args.out, args.config, args.overrides)
+        elif args.command == "compare":
+            from neu_det_pipeline.evaluation.commands import compare_command
+
+            compare_command(args.run_dirs, args.out)
         else:
             run_all(setup(args))
 

@@ -1,0 +1,121 @@
+"""Image-level similarity: LPIPS (lpips package), edge-SSIM and multi-scale LBP texture (scikit-image)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import random
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from skimage.feature import local_binary_pattern
+from skimage.filters import sobel
+from skimage.metrics import structural_similarity
+
+from neu_det_pipeline.errors import PipelineError
+
+
+class LPIPSDistance:
+    """LPIPS between grayscale uint8 images (replicated to 3 channels, scaled to [-1, 1])."""
+
+    def __init__(self, net: str, pretrained_backbone: bool, device: torch.device, batch_size: int) -> None:
+        import lpips
+
+        try:
+            # lpips prints its setup; its linear calibration layers ship with the package, only the backbone downloads.
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # torchvision's `pretrained=` deprecation, inside lpips
+                self.model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=not pretrained_backbone, verbose=False)
+        except OSError as exc:  # URLError is an OSError
+            raise PipelineError(
+                f"LPIPS {net} backbone weights could not be downloaded ({exc}); run once with network access, "
+                f"or set evaluation.lpips_pretrained_backbone=false (random backbone: offline tests only)"
+            ) from None
+        self.model = self.model.to(device).eval()
+        self.device, self.batch_size = device, batch_size
+
+    def _tensor(self, pixels: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(pixels).to(self.device, torch.float32).div(127.5).sub(1)
+        return x.unsqueeze(1).expand(-1, 3, -1, -1)
+
+    @torch.inference_mode()
+    def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Distances between a[i] and b[i] for stacks of equal shape (N, H, W)."""
+        out = []
+        for start in range(0, len(a), self.batch_size):
+            batch = slice(start, start + self.batch_size)
+            out.append(self.model(self._tensor(a[batch]), self._tensor(b[batch])).flatten().cpu())
+        return torch.cat(out).numpy() if out else np.zeros(0)
+
+    def diversity(self, pixels: np.ndarray, max_pairs: int, seed: int) -> float | None:
+        """Mean LPIPS over up to `max_pairs` random distinct pairs (None for fewer than 2 images)."""
+        pairs = random_pairs(len(pixels), max_pairs, seed)
+        if not pairs:
+            return None
+        first, second = zip(*pairs)
+        return float(self(pixels[list(first)], pixels[list(second)]).mean())
+
+
+def random_pairs(n: int, max_pairs: int, seed: int) -> list[tuple[int, int]]:
+    """Up to `max_pairs` distinct unordered index pairs, seeded; all of them when there are few."""
+    total = n * (n - 1) // 2
+    if total <= max_pairs:
+        return [(i, j) for i in range(n) for j in range(i + 1, n)]
+    rng = random.Random(seed)
+    chosen: set[tuple[int, int]] = set()
+    while len(chosen) < max_pairs:
+        i, j = sorted(rng.sample(range(n), 2))
+        chosen.add((i, j))
+    return sorted(chosen)
+
+
+def edge_map(pixels: np.ndarray) -> np.ndarray:
+    """Sobel gradient magnitude of a grayscale image in [0, 1]."""
+    return sobel(pixels.astype(np.float64) / 255.0)
+
+
+def edge_ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """SSIM of the two images' edge maps: does the synthetic image keep its source's structure?"""
+    edges_a, edges_b = edge_map(a), edge_map(b)
+    data_range = max(edges_a.max(), edges_b.max(), 1e-8)
+    return float(structural_similarity(edges_a, edges_b, data_range=data_range))
+
+
+def lbp_histogram(pixels: np.ndarray, radii: Sequence[int]) -> np.ndarray:
+    """Concatenated uniform-LBP histograms (8 * r points at radius r), each normalised to sum 1 / len(radii)."""
+    parts = []
+    for radius in radii:
+        points = 8 * radius
+        codes = local_binary_pattern(pixels, points, radius, method="uniform")
+        hist = np.bincount(codes.astype(np.int64).ravel(), minlength=points + 2).astype(np.float64)
+        parts.append(hist / hist.sum() / len(radii))
+    return np.concatenate(parts)
+
+
+def histogram_similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """1 - the symmetric chi-square distance of two histograms summing to 1: 1 when equal, 0 when disjoint.
+
+    Chi-square weighs each bin's difference by the bin's mass, so the rare LBP codes that set NEU-DET classes
+    apart count as much as the common flat-region codes (a Bhattacharyya coefficient lets the latter dominate).
+    """
+    total = a + b
+    nonzero = total > 0
+    return float(1.0 - 0.5 * ((a[nonzero] - b[nonzero]) ** 2 / total[nonzero]).sum())
+
+
+def lbp_class_matrix(
+    synth_hists: np.ndarray, synth_labels: Sequence[str], real_hists: np.ndarray, real_labels: Sequence[str], classes: Sequence[str]
+) -> list[list[float | None]]:
+    """Similarity of class-mean LBP histograms: rows synthetic classes, columns real classes (None: class absent)."""
+
+    def class_means(hists: np.ndarray, labels: Sequence[str]) -> dict[str, np.ndarray]:
+        labels = np.asarray(labels)
+        return {name: hists[labels == name].mean(axis=0) for name in classes if (labels == name).any()}
+
+    synth_means, real_means = class_means(synth_hists, synth_labels), class_means(real_hists, real_labels)
+    return [
+        [histogram_similarity(synth_means[row], real_means[col]) if row in synth_means and col in real_means else None for col in classes]
+        for row in classes
+    ]
