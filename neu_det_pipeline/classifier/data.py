@@ -256,7 +256,7 @@ class ClassifierDataset(Dataset):
         if index not in self._cache:
             example, size = self.examples[index], (self.image_size, self.image_size)
             image = load_rgb(example.image).resize(size, Image.Resampling.BICUBIC)
-            pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).contiguous()
+            pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
             if example.mask is None:
                 mask = torch.zeros(1, *size, dtype=torch.uint8)
             else:

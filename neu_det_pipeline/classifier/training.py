@@ -140,9 +140,10 @@ class ClassifierTraining:
                 # a new one per stage.
                 self.model.backbone.set_trainable(not frozen)
                 stage_module, stage_frozen = accelerator.prepare_model(_TrainingModule(self.model, self.loss)), frozen
+            learning_rates = self.lr_scheduler.get_last_lr()  # at the epoch's first step
             sums = self._train_epoch(stage_module, optimizer, epoch, frozen, on_step)
             seconds += time.perf_counter() - started
-            history.append(self._epoch_row(epoch, sums, seconds))
+            history.append(self._epoch_row(epoch, learning_rates, sums, seconds))
             if accelerator.is_main_process:
                 if history[-1]["val_macro_f1"] > best_f1:
                     best_f1, best_epoch = history[-1]["val_macro_f1"], epoch + 1
@@ -191,13 +192,13 @@ class ClassifierTraining:
             sums["batches"] += 1
         return sums
 
-    def _epoch_row(self, epoch: int, sums: dict[str, float], seconds: float) -> dict[str, Any]:
+    def _epoch_row(self, epoch: int, learning_rates: list[float], sums: dict[str, float], seconds: float) -> dict[str, Any]:
         n = max(1, sums["batches"])
         row = {
             "epoch": epoch + 1,
             "stage": "frozen backbone" if epoch < self.section.freeze_epochs else "full",
-            "lr": self.lr_scheduler.get_last_lr()[0],
-            "backbone_lr": self.lr_scheduler.get_last_lr()[1],
+            "lr": learning_rates[0],
+            "backbone_lr": learning_rates[1],
             "alpha": sums["alpha"] / n,
             "beta": sums["beta"] / n,
             "train_loss": sums["loss"] / n,
