@@ -76,7 +76,9 @@ def source_prompts(ctx: StepContext, rows: list[dict[str, Any]]) -> dict[str, st
 
 def run(ctx: StepContext) -> dict[str, Any]:
     cfg, section, out_dir = ctx.config, ctx.config.generation, ctx.out_dir
-    state = PartialState()
+    device = resolve_device(cfg.run.device)
+    # cpu=True makes `accelerate launch --multi_gpu` on a machine without GPUs start gloo ranks (as Accelerator does).
+    state = PartialState(cpu=device.type == "cpu")
     state.wait_for_everyone()  # rank 0 has prepared (possibly wiped) the folder before any rank reads it
 
     # 1. The plan: every image, fixed by the config and the upstream outputs.
@@ -87,7 +89,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
     mine = batches(pending, section.batch_size, state.process_index, state.num_processes)
 
     # 2. This process's share, batch by batch; the pipeline loads only if there is work.
-    device = state.device if state.num_processes > 1 else resolve_device(cfg.run.device)
+    device = state.device if state.num_processes > 1 else device  # one GPU per process
     dtype = inference_dtype(device, cfg.run.mixed_precision)
     cache = ControlMapCache(Path(section.control_cache_dir) if section.control_cache_dir else out_dir / "controls")
     maker = SyntheticImageMaker(

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import (
     ControlNetModel,
@@ -146,6 +147,11 @@ def step3_lora_file(step3_dir: Path) -> Path:
     return path
 
 
+def _as_batch(images: list[Image.Image]) -> torch.Tensor:
+    pixels = np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0 for image in images])
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2)
+
+
 def _quiet_if_unet_only(lora_file: Path) -> contextlib.AbstractContextManager:
     """diffusers warns that a text encoder got no LoRA keys; for adapters trained on the UNet alone that is expected."""
     with safe_open(lora_file, "pt") as file:
@@ -242,8 +248,13 @@ class ControlNetGenerator:
         return [name for name in ("compile", "cpu_offload") if getattr(self.section, name)]
 
     def control_arguments(self, maps: dict[str, list[Image.Image]]) -> dict[str, Any]:
-        """The pipeline's control keyword arguments for per-control lists of maps (one map per image)."""
+        """The pipeline's control keyword arguments for per-control lists of maps (one map per image).
+
+        Maps go in as one (batch, 3, H, W) tensor in [0, 1] per control, the form the pipelines' own image
+        processor makes of PIL images: the img2img multi-ControlNet pipelines accept no list of maps per image.
+        """
         section, controls = self.section, self.section.controls
+        batches = [_as_batch(maps[c]) for c in controls]
         scales = [section.conditioning_scales[c] for c in controls]
         starts = [section.control_guidance_start[c] for c in controls]
         ends = [section.control_guidance_end[c] for c in controls]
@@ -251,18 +262,17 @@ class ControlNetGenerator:
         if section.union_controlnet:
             # One union model sees every map; start / end apply to it as a whole.
             return {
-                image_key: [maps[c] for c in controls], "control_mode": [UNION_CONTROL_MODES[c] for c in controls],
+                image_key: batches, "control_mode": [UNION_CONTROL_MODES[c] for c in controls],
                 "controlnet_conditioning_scale": scales, "control_guidance_start": min(starts), "control_guidance_end": max(ends),
             }
         if len(controls) == 1:
             return {
-                image_key: maps[controls[0]], "controlnet_conditioning_scale": scales[0],
+                image_key: batches[0], "controlnet_conditioning_scale": scales[0],
                 "control_guidance_start": starts[0], "control_guidance_end": ends[0],
             }
         return {
-            # Multi-ControlNet takes one list of maps per image, one map per ControlNet.
-            image_key: [[maps[c][i] for c in controls] for i in range(len(maps[controls[0]]))],
-            "controlnet_conditioning_scale": scales, "control_guidance_start": starts, "control_guidance_end": ends,
+            image_key: batches, "controlnet_conditioning_scale": scales,
+            "control_guidance_start": starts, "control_guidance_end": ends,
         }
 
     @torch.no_grad()
@@ -281,5 +291,9 @@ class ControlNetGenerator:
         )
         if section.mode == "img2img":
             kwargs.update(image=init_images, strength=section.strength)
-        with cfg_rescale(self.pipe.unet, guidance_scale, section.guidance_rescale):
+        # The img2img pipelines warn that several ControlNets share one map across the prompts; the batched maps
+        # above are per image (the warning only checks that there are several prompts).
+        with cfg_rescale(self.pipe.unet, guidance_scale, section.guidance_rescale), drop_log_messages(
+            type(self.pipe).__module__, "You have"
+        ):
             return self.pipe(**kwargs).images
