@@ -42,3 +42,23 @@ def test_training_loop_benchmarks(script: str, tiny_models_dir: Path, tmp_path: 
     overrides = [o for o in smoke_overrides(tiny_models_dir, tmp_path) if not o.startswith("run.output_dir")]
     out = bench(script, "--config", str(SMOKE_CONFIG), *FEW_STEPS, *overrides)
     assert re.search(r"ratio \w+ / bare diffusers = [\d.]+", out), out
+
+
+def test_classifier_benchmark(tiny_models_dir: Path, tmp_path: Path) -> None:
+    overrides = [o for o in smoke_overrides(tiny_models_dir, tmp_path) if not o.startswith("run.output_dir")]
+    out = bench("bench_classifier.py", "--config", str(SMOKE_CONFIG), "--out", str(tmp_path / "bench"), "--fractions", "0.5", *overrides)
+    for name in ("multitask", "plain \\(LS \\+ focal\\)", "multitask, 50% of train"):
+        assert re.search(rf"{name} +test accuracy [\d.]+ +macro-F1 [\d.]+", out), out
+    assert re.search(r"plain .* mask IoU - ", out) and re.search(r"^multitask +.* mask IoU [\d.]+", out, re.MULTILINE), out
+    assert re.search(r"torch +[\d.]+ images/s", out) and re.search(r"onnxruntime +[\d.]+ images/s", out), out
+
+
+def test_step4_benchmark(tiny_models_dir: Path, tmp_path: Path) -> None:
+    overrides = [o for o in smoke_overrides(tiny_models_dir, tmp_path) if not o.startswith("run.output_dir")]
+    out = bench(
+        "bench_step4.py", "--config", str(SMOKE_CONFIG), "--repeats", "1", "--batch-sizes", "2", "--map-images", "1",
+        *overrides, "generation.images_per_source=1",
+    )
+    assert re.search(r"ratio step4 / bare diffusers = [\d.]+", out) and re.search(r"batch +2: +[\d.]+ images/s", out), out
+    for detector in ("pidinet", "hed", "canny", "depth_anything", "normalbae", "midas"):
+        assert re.search(rf"{detector} +first run +[\d.]+ images/s +cached +[\d.]+ images/s", out), out

@@ -60,6 +60,17 @@ def test_experiment_plan() -> None:
     assert exp["exp_b_dora_8bit"].lora.use_dora and exp["exp_b_dora_8bit"].lora.optimizer == "adamw8bit"
     c = exp["exp_c_sdxl_all"]
     assert c.models.pipeline == "sdxl" and c.lora.use_dora and c.generation.scheduler == "unipc"
+
+    # Step 4, the seed plan's A/B set: the baseline keeps DPM++ at 40 steps, guidance 7, soft-edge + depth.
+    base = exp["baseline"].generation
+    assert (base.scheduler, base.num_inference_steps, base.guidance_scale, base.controls) == ("dpmsolver++", 40, 7.0, ["softedge", "depth"])
+    assert not base.layout_augmentations and base.guidance_rescale == 0
+    per_class = {"crazing": 8.0, "inclusion": 7.5, "patches": 7.0, "pitted_surface": 8.5, "rolled-in_scale": 7.0, "scratches": 8.0}
+    for name in ("exp_a_blip2_unipc", "exp_c_sdxl_all"):
+        generation = exp[name].generation
+        assert (generation.scheduler, generation.num_inference_steps, generation.guidance_rescale) == ("unipc", 20, 0.7), name
+        assert {cls: generation.per_class_guidance.get(cls, generation.guidance_scale) for cls in per_class} == per_class, name
+    assert "normal" in c.generation.controls and c.generation.union_controlnet
     assert len({str(cfg.run.output_dir) for cfg in exp.values()}) == len(exp), "experiments must not share outputs"
 
 
