@@ -638,7 +638,7 @@ class ClassifierConfig(Section):
     learning_rate: float = Field(1e-3, gt=0)
     """Peak AdamW learning rate of the head, decoder and enhancer (and of a randomly initialised backbone)."""
     backbone_lr_scale: float = Field(0.1, gt=0)
-    """Backbone learning rate = learning_rate * this, once unfrozen (pretrained weights move less)."""
+    """Pretrained backbone's learning rate = learning_rate * this, once unfrozen (a random one uses learning_rate)."""
     weight_decay: float = Field(0.05, ge=0)
     """AdamW weight decay."""
     warmup_epochs: float = Field(1.0, ge=0)

@@ -92,7 +92,8 @@ class ClassifierTraining:
         unfreeze = section.freeze_epochs * self.steps_per_epoch
         groups = [
             {"params": self.model.head_parameters(), "lr": section.learning_rate},
-            {"params": list(self.model.backbone.parameters()), "lr": section.learning_rate * section.backbone_lr_scale},
+            # Pretrained weights move less; a randomly initialised backbone learns at the full rate.
+            {"params": list(self.model.backbone.parameters()), "lr": section.learning_rate * (section.backbone_lr_scale if section.pretrained else 1.0)},
         ]
         if self.loss.log_vars is not None:  # no weight decay: it would pull the log-variances to 0
             groups.append({"params": [self.loss.log_vars], "lr": section.learning_rate, "weight_decay": 0.0})
