@@ -24,7 +24,11 @@ import types
 from pathlib import Path
 
 import torch
-from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+from diffusers import (
+    ControlNetModel,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionXLControlNetPipeline,
+)
 from loop_comparison import prepared_run
 
 from neu_det_pipeline import step0_prepare

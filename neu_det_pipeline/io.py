@@ -50,6 +50,11 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+FAST_PNG = {"compress_level": 1}
+"""PNG options for files written in bulk: lossless all the same, and several times faster to encode than PIL's
+default level 6, for files about 10 % larger."""
+
+
 def save_image(image: Image.Image, path: str | Path, **save_kwargs: Any) -> Path:
     """Encode in memory, then write atomically; the format follows the suffix."""
     path = Path(path)

@@ -39,10 +39,16 @@ from neu_det_pipeline.data.export import (
     yolo_label_lines,
 )
 from neu_det_pipeline.data.neu_det import Problem, Sample, discover, load_sample
-from neu_det_pipeline.data.split import HELD_OUT_SPLIT, SPLITS, hold_out_training, stratified_split
+from neu_det_pipeline.data.split import (
+    HELD_OUT_SPLIT,
+    SPLITS,
+    hold_out_training,
+    stratified_split,
+)
 from neu_det_pipeline.data.visualize import class_stats, contact_sheet, stats_table
 from neu_det_pipeline.errors import DataError
 from neu_det_pipeline.io import (
+    FAST_PNG,
     atomic_write_bytes,
     atomic_write_text,
     save_image,
@@ -100,7 +106,7 @@ def _write_derived(job: tuple[Sample, str], out_dir: Path, resolution: int, clas
     with Image.open(sample.image_path) as image:
         copy = training_copy(image, resolution)
     save_image(box_mask(sample.boxes, sample.width, sample.height), paths["mask"])
-    save_image(copy, paths["image"], compress_level=1)
+    save_image(copy, paths["image"], **FAST_PNG)
     if yolo:
         atomic_write_bytes(paths["yolo_image"], sample.image_path.read_bytes())
         atomic_write_text(paths["yolo_label"], yolo_label_lines(sample.boxes, sample.width, sample.height, classes))

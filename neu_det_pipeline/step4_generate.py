@@ -19,6 +19,7 @@ Outputs in `<run.output_dir>/step4_generate/` (later steps rely on this layout):
     controls/<detector>-<res>-<weights>/<sha256>.png   control-map cache (`generation.control_cache_dir`)
     contact_sheets/<class>.png      per source: the real image, its maps, its synthetic images with boxes
     summary.json                    counts per class, maps made / cached, images/s, models, ignored GPU options
+    manifest.parts/rank-<N>.jsonl   while running: each process's finished rows (what a resumed run skips)
 `<name>` is `<source id>-s<index>` with `-<augmentation>` when `generation.layout_augmentations` moved the layout.
 """
 
@@ -26,10 +27,12 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from accelerate import PartialState
+from accelerate.utils import gather_object
 from rich.table import Table
 
 from neu_det_pipeline.artifacts import train_rows
@@ -100,8 +103,8 @@ def run(ctx: StepContext) -> dict[str, Any]:
     started = time.perf_counter()
     for batch in ctx.track(mine, len(mine), f"generating {len(pending)} images"):
         part.append(maker.make(batch))
-    elapsed = time.perf_counter() - started
-    state.wait_for_everyone()
+    # Every process's counts, for one summary.
+    stats = gather_object([{**asdict(maker.stats), "elapsed_s": time.perf_counter() - started}])
     if not state.is_main_process:
         return {}
 
@@ -110,6 +113,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
     sources = {row["id"]: row for row in rows}
     sheet_sources = sheet_source_ids(manifest)
     maps = {sid: {c: maker.control_map(sources[sid], c)[1] for c in section.controls} for sid in sheet_sources}
+    made = sum(rank["images"] for rank in stats)
     sheets = save_contact_sheets(out_dir, manifest, {sid: maker.source_path(sources[sid]) for sid in sheet_sources}, maps)
 
     per_class = Counter(row["class"] for row in manifest)
@@ -122,10 +126,11 @@ def run(ctx: StepContext) -> dict[str, Any]:
         "images_generated": len(pending),
         "images_from_earlier_run": len(plan) - len(pending),
         "images_per_class": dict(per_class),
-        "images_per_s": round(maker.stats.images / elapsed, 3) if maker.stats.images else None,
-        "generation_s": round(maker.stats.generation_s, 3),
-        "control_maps_made": maker.stats.maps_made,
-        "control_maps_cached": maker.stats.maps_cached,
+        # All processes together: images made / the slowest process's time.
+        "images_per_s": round(made / max(rank["elapsed_s"] for rank in stats), 3) if made else None,
+        "generation_s": round(sum(rank["generation_s"] for rank in stats), 3),
+        "control_maps_made": sum(rank["maps_made"] for rank in stats),
+        "control_maps_cached": sum(rank["maps_cached"] for rank in stats),
         "control_cache": str(cache.root),
         "controls": list(section.controls),
         "scheduler": section.scheduler,

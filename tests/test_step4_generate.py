@@ -38,7 +38,12 @@ from neu_det_pipeline.generation.controls import (
     depth_anything_detect,
     load_detector,
 )
-from neu_det_pipeline.generation.pipeline import ControlNetGenerator, cfg_rescale, rescaled_conditional, sha256_of_files
+from neu_det_pipeline.generation.pipeline import (
+    ControlNetGenerator,
+    cfg_rescale,
+    rescaled_conditional,
+    sha256_of_files,
+)
 from neu_det_pipeline.generation.plan import build_plan, image_seed
 from neu_det_pipeline.io import read_json, read_jsonl, write_jsonl
 from neu_det_pipeline.recipe import run_step
@@ -241,7 +246,9 @@ def test_img2img_starts_from_the_source(tiny_models_dir: Path, tmp_path: Path) -
 
 
 def test_rescaled_conditional_turns_the_pipeline_formula_into_cfg_rescale() -> None:
-    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+        rescale_noise_cfg,
+    )
 
     generator = torch.Generator().manual_seed(0)
     uncond, cond = torch.randn(2, 4, 8, 8, generator=generator), 3 * torch.randn(2, 4, 8, 8, generator=generator)

@@ -24,7 +24,7 @@ from PIL import Image
 
 from neu_det_pipeline.config import ModelsConfig
 from neu_det_pipeline.data.neu_det import Box
-from neu_det_pipeline.io import save_image
+from neu_det_pipeline.io import FAST_PNG, save_image
 from neu_det_pipeline.models import load_model
 
 Detect = Callable[[Image.Image, int], Image.Image]
@@ -149,7 +149,7 @@ class ControlMapCache:
                 return cached.convert("RGB"), False
         with Image.open(image_path) as source:
             made = detect()(source.convert("RGB"), resolution)
-        save_image(made, path)
+        save_image(made, path, **FAST_PNG)
         return made, True
 
 

@@ -28,7 +28,11 @@ from neu_det_pipeline.generation.controls import (
     load_detector,
     scale_box,
 )
-from neu_det_pipeline.generation.outputs import boxes_record, relative_paths, write_image_files
+from neu_det_pipeline.generation.outputs import (
+    boxes_record,
+    relative_paths,
+    write_image_files,
+)
 from neu_det_pipeline.generation.pipeline import ControlNetGenerator
 from neu_det_pipeline.generation.plan import WorkItem
 
@@ -80,27 +84,31 @@ class SyntheticImageMaker:
     def source_path(self, row: dict[str, Any]) -> Path:
         return self.data_root / row["source"]
 
-    def control_map(self, row: dict[str, Any], control: str) -> tuple[Image.Image, Path]:
-        """The map of one source for one control (un-augmented), and its cache file."""
+    def control_map(self, row: dict[str, Any], control: str) -> tuple[Image.Image, Path, bool]:
+        """The map of one source for one control (un-augmented), its cache file, and whether it was made now."""
         path = self.source_path(row)
         if row["id"] not in self._sha256:
             self._sha256[row["id"]] = file_sha256(path)
         name, resolution = self.section.detectors[control], self.section.resolution
         key = detector_key(name, self.config.models, resolution)
         image, made = self.cache.get(path, self._sha256[row["id"]], key, lambda: self.detectors.get(name), resolution)
-        if made:
-            self.stats.maps_made += 1
-        else:
-            self.stats.maps_cached += 1
-        return image, self.cache.path(self._sha256[row["id"]], key)
+        return image, self.cache.path(self._sha256[row["id"]], key), made
+
+    def _batch_maps(self, batch: list[WorkItem]) -> dict[str, list[Image.Image]]:
+        maps: dict[str, list[Image.Image]] = {}
+        for control in self.section.controls:
+            maps[control] = []
+            for item in batch:
+                image, _, made = self.control_map(item.source, control)
+                self.stats.maps_made += made
+                self.stats.maps_cached += not made
+                maps[control].append(augment_image(image, item.augmentation))
+        return maps
 
     def make(self, batch: list[WorkItem]) -> list[dict[str, Any]]:
         """Generate one batch (one class, one guidance scale) and write every file; returns the manifest rows."""
         section = self.section
-        maps = {
-            control: [augment_image(self.control_map(item.source, control)[0], item.augmentation) for item in batch]
-            for control in section.controls
-        }
+        maps = self._batch_maps(batch)
         init_images = None
         if section.mode == "img2img":
             init_images = [augment_image(self._init_image(item.source), item.augmentation) for item in batch]

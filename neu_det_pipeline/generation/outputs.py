@@ -21,10 +21,20 @@ from PIL import Image, ImageDraw
 
 from neu_det_pipeline.artifacts import MANIFEST_FILE
 from neu_det_pipeline.captions.dataset import link_or_copy
-from neu_det_pipeline.data.export import box_mask, write_yolo_data_yaml, yolo_label_lines
+from neu_det_pipeline.data.export import (
+    box_mask,
+    write_yolo_data_yaml,
+    yolo_label_lines,
+)
 from neu_det_pipeline.data.neu_det import Box
 from neu_det_pipeline.errors import PipelineError
-from neu_det_pipeline.io import atomic_write_text, jsonl_text, save_image, write_jsonl
+from neu_det_pipeline.io import (
+    FAST_PNG,
+    atomic_write_text,
+    jsonl_text,
+    save_image,
+    write_jsonl,
+)
 
 PARTS_DIR = "manifest.parts"
 SHEET_SOURCES_PER_CLASS = 4
@@ -68,9 +78,9 @@ def write_image_files(out_dir: Path, row: dict[str, Any], image: Image.Image, cl
     """The image and its labels (VOC, mask, YOLO), each written atomically; the manifest row comes after."""
     boxes = [Box(**box) for box in row["boxes"]]
     width, height = image.size
-    save_image(image, out_dir / row["file"])
+    save_image(image, out_dir / row["file"], **FAST_PNG)
     atomic_write_text(out_dir / row["label"], voc_xml(Path(row["file"]).name, width, height, len(image.getbands()), boxes))
-    save_image(box_mask(boxes, width, height), out_dir / row["mask"])
+    save_image(box_mask(boxes, width, height), out_dir / row["mask"], **FAST_PNG)
     link_or_copy(out_dir / row["file"], out_dir / row["yolo_image"])
     atomic_write_text(out_dir / row["yolo_label"], yolo_label_lines(boxes, width, height, classes))
 
@@ -178,6 +188,7 @@ def save_contact_sheets(out_dir: Path, rows: list[dict[str, Any]], source_image:
         by_class.setdefault(row["class"], []).append(row)
     written = []
     for image_class, class_rows in sorted(by_class.items()):
-        path = save_image(contact_sheet(class_rows, out_dir, source_image, maps), out_dir / "contact_sheets" / f"{image_class}.png")
+        sheet = contact_sheet(class_rows, out_dir, source_image, maps)
+        path = save_image(sheet, out_dir / "contact_sheets" / f"{image_class}.png", **FAST_PNG)
         written.append(path.relative_to(out_dir).as_posix())
     return written

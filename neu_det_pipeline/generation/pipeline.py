@@ -37,7 +37,9 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+    rescale_noise_cfg,
+)
 from PIL import Image
 from safetensors import safe_open
 
