@@ -293,9 +293,12 @@ class ControlNetGenerator:
         )
         if section.mode == "img2img":
             kwargs.update(image=init_images, strength=section.strength)
-        # The img2img pipelines warn that several ControlNets share one map across the prompts; the batched maps
-        # above are per image (the warning only checks that there are several prompts).
-        with cfg_rescale(self.pipe.unet, guidance_scale, section.guidance_rescale), drop_log_messages(
-            type(self.pipe).__module__, "You have"
+        with (
+            cfg_rescale(self.pipe.unet, guidance_scale, section.guidance_rescale),
+            # The img2img pipelines warn that several ControlNets share one map across the prompts; the batched maps
+            # above are per image (the warning only checks that there are several prompts).
+            drop_log_messages(type(self.pipe).__module__, "You have"),
+            # The SDXL img2img pipelines upcast the VAE themselves, and diffusers then warns about no module at all.
+            drop_log_messages("diffusers.models.modeling_utils", "There are modules in AutoencoderKL that should be kept in float32: []"),
         ):
             return self.pipe(**kwargs).images
