@@ -248,6 +248,37 @@ def test_img2img_starts_from_the_source(overrides: tuple[str, ...], tiny_models_
     assert steered(arrays(generator.generate(["a photo"] * 2, [1, 2], 7.0, maps, other_sources)), first)
 
 
+@pytest.mark.parametrize(
+    ("scheduler", "karras", "expected"),
+    [
+        ("dpmsolver++", True, "DPMSolverMultistepScheduler"),
+        ("unipc", False, "UniPCMultistepScheduler"),
+        ("euler_a", False, "EulerAncestralDiscreteScheduler"),
+        ("ddim", False, "DDIMScheduler"),
+    ],
+)
+def test_samplers_by_name(scheduler: str, karras: bool, expected: str, tiny_models_dir: Path, tmp_path: Path) -> None:
+    generator = generator_for(
+        tiny_models_dir, tmp_path, f"generation.scheduler={scheduler}", f"generation.use_karras_sigmas={str(karras).lower()}",
+    )
+    assert type(generator.pipe.scheduler).__name__ == expected
+    assert getattr(generator.pipe.scheduler.config, "use_karras_sigmas", False) == karras
+    maps = control_maps(["softedge", "depth"], SOURCES[:1])
+    first = arrays(generator.generate(["a photo"], [3], 7.0, maps))
+    # Euler ancestral draws fresh noise every step: from the image's own generator, so it is still reproducible.
+    np.testing.assert_array_equal(first, arrays(generator.generate(["a photo"], [3], 7.0, maps)))
+
+
+def test_gpu_options_leave_cpu_runs_working(tiny_models_dir: Path, tmp_path: Path) -> None:
+    options = ["channels_last", "compile", "vae_slicing", "vae_tiling", "cpu_offload"]
+    generator = generator_for(tiny_models_dir, tmp_path, *(f"generation.{name}=true" for name in options))
+    assert generator.gpu_options_ignored == ["compile", "cpu_offload"]  # CUDA-only: reported, not applied
+    assert generator.pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    maps = control_maps(["softedge", "depth"], SOURCES[:2])
+    plain = arrays(generator_for(tiny_models_dir, tmp_path).generate(["a photo"] * 2, [1, 2], 7.0, maps))
+    assert np.abs(arrays(generator.generate(["a photo"] * 2, [1, 2], 7.0, maps)) - plain).max() <= TOLERANCE
+
+
 def test_rescaled_conditional_turns_the_pipeline_formula_into_cfg_rescale() -> None:
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
         rescale_noise_cfg,
