@@ -718,20 +718,25 @@ class PipelineConfig(Section):
 
     @model_validator(mode="after")
     def _controlnets_exist_for_the_pipeline(self) -> PipelineConfig:
-        generation, family = self.generation, self.models.pipeline
-        if generation.union_controlnet:
-            if family != "sdxl":
-                raise ValueError("generation.union_controlnet=true needs models.pipeline=sdxl (the union ControlNet is an SDXL model)")
-            return self
-        ids = getattr(self.models, f"controlnet_{family}")
-        for control in generation.controls:
-            if getattr(ids, control) is None:
+        family = self.models.pipeline
+        if self.generation.union_controlnet and family != "sdxl":
+            raise ValueError("generation.union_controlnet=true needs models.pipeline=sdxl (the union ControlNet is an SDXL model)")
+        for control, (key, model_id) in self.controlnet_ids().items():
+            if model_id is None:
                 hint = " or generation.union_controlnet=true" if family == "sdxl" else ""
                 raise ValueError(
-                    f"generation.controls has {control!r} but models.controlnet_{family}.{control} is null: set it to a "
-                    f"ControlNet for {family}, remove {control!r} from generation.controls{hint}"
+                    f"generation.controls has {control!r} but {key} is null: set it to a ControlNet for {family}, "
+                    f"remove {control!r} from generation.controls{hint}"
                 )
         return self
+
+    def controlnet_ids(self) -> dict[str, tuple[str, str]]:
+        """Control (or `union`) -> (config key, model id) of the ControlNets Step 4 loads."""
+        if self.generation.union_controlnet:
+            return {"union": ("models.controlnet_union_sdxl", self.models.controlnet_union_sdxl)}
+        family = self.models.pipeline
+        ids = getattr(self.models, f"controlnet_{family}")
+        return {control: (f"models.controlnet_{family}.{control}", getattr(ids, control)) for control in self.generation.controls}
 
     def section(self, dotted: str) -> Any:
         """The value at a dotted key such as `data.split`."""

@@ -161,15 +161,6 @@ def _quiet_if_unet_only(lora_file: Path) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext() if text_encoder_keys else drop_log_messages("diffusers.loaders.lora_base", "No LoRA keys associated to")
 
 
-def controlnet_ids(config: PipelineConfig) -> dict[str, tuple[str, str]]:
-    """Control (or `union`) -> (config key, model id) of the ControlNets the config asks for."""
-    if config.generation.union_controlnet:
-        return {"union": ("models.controlnet_union_sdxl", config.models.controlnet_union_sdxl)}
-    family = config.models.pipeline
-    ids = getattr(config.models, f"controlnet_{family}")
-    return {control: (f"models.controlnet_{family}.{control}", getattr(ids, control)) for control in config.generation.controls}
-
-
 class ControlNetGenerator:
     """A loaded ControlNet pipeline; `generate` makes one batch."""
 
@@ -177,7 +168,7 @@ class ControlNetGenerator:
         section, family = config.generation, config.models.pipeline
         self.section, self.family, self.device = section, family, device
         base_key, base_id = base_model(config)
-        self.controlnet_ids = controlnet_ids(config)
+        self.controlnet_ids = config.controlnet_ids()
         self.controlnets = self._load_controlnets(config, dtype)
         pipeline_class = PIPELINES[(family, section.mode, section.union_controlnet)]
         controlnet = next(iter(self.controlnets.values())) if len(self.controlnets) == 1 else list(self.controlnets.values())
