@@ -138,7 +138,12 @@ def main(argv: list[str] | None = None) -> None:
     compare = commands.add_parser("compare", help="Step 5 results of several runs side by side, with their config differences")
     compare.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="run.output_dir of each run; the first is the baseline")
     compare.add_argument("--out", type=Path, default=Path("compare"), help="folder for compare.md and compare.html")
-    args = parser.parse_args(argv)
+    # `metrics` takes key=value overrides after its options too (argparse would stop at the first option).
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "metrics":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra
 
     with user_errors():
         if args.command == "list-steps":
