@@ -25,7 +25,13 @@ from typing import Any
 
 from neu_det_pipeline.classifier.checkpoints import BEST_FILE, load_classifier
 from neu_det_pipeline.classifier.data import ClassifierDataset, load_data
-from neu_det_pipeline.classifier.evaluation import plot_confusion_matrix, plot_curves, report_table, write_history_csv
+from neu_det_pipeline.classifier.evaluation import (
+    plot_confusion_matrix,
+    plot_curves,
+    report_table,
+    score_line,
+    write_history_csv,
+)
 from neu_det_pipeline.classifier.training import ClassifierTraining
 from neu_det_pipeline.cli import step_main
 from neu_det_pipeline.config import ClassifierConfig, PipelineConfig
@@ -64,6 +70,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
     plot_curves(result.history, ctx.out_dir / "curves.png")
     plot_confusion_matrix(test["confusion_matrix"], data.classes, ctx.out_dir / "confusion_matrix.png", "test split (real)")
     console.print(report_table(test, f"test split (real), best epoch {result.best_epoch}"))
+    console.print(f"test: {score_line(test)}", highlight=False)
     return {
         "backbone": section.backbone,
         "pretrained": section.pretrained,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMOKE_CONFIG, smoke_overrides
+from conftest import SMOKE_CONFIG, launch_two_cpu_ranks, smoke_overrides
 from PIL import Image
 
 from neu_det_pipeline import cli
@@ -166,6 +166,17 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(step6_config, tmp_
     assert torch.equal(a["loss"]["log_vars"], b["loss"]["log_vars"])
     strip = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
     assert strip(a["history"]) == strip(b["history"])
+
+
+def test_two_data_parallel_ranks_stay_in_sync_through_both_stages(step6_config, tiny_models_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    step6_config(output_dir=out)  # Step 0 in place
+    overrides = [*smoke_overrides(tiny_models_dir, out), "classifier.loss_weighting=uncertainty"]
+    ranks = launch_two_cpu_ranks(f"neu_det_pipeline.{STEP.name}", "neu_det_pipeline.classifier.training.ClassifierTraining",
+                                 ["--config", str(SMOKE_CONFIG), *overrides], tmp_path)
+    assert read_json(out / STEP.name / "summary.json")["processes"] == 2
+    assert ranks[0].keys() == ranks[1].keys() and any(key.endswith("log_vars") for key in ranks[0])
+    assert all(torch.equal(ranks[0][key], ranks[1][key]) for key in ranks[0])
 
 
 def test_synthetic_images_from_step4_and_the_curated_step5_set(step6_config, tmp_path: Path) -> None:

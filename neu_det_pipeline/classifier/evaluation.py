@@ -101,9 +101,12 @@ def report_table(result: dict[str, Any], title: str) -> Table:
         table.add_column(column, justify="left" if column == "class" else "right")
     for name, row in result["per_class"].items():
         table.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
-    masks = f", mask IoU {result['mask_iou']:.3f}, Dice {result['mask_dice']:.3f}" if result["mask_iou"] is not None else ""
-    table.caption = f"accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}{masks}"
     return table
+
+
+def score_line(result: dict[str, Any]) -> str:
+    masks = f", mask IoU {result['mask_iou']:.3f}, Dice {result['mask_dice']:.3f}" if result["mask_iou"] is not None else ""
+    return f"accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}{masks}"
 
 
 def write_history_csv(history: list[dict[str, Any]], path: Path) -> Path:
@@ -123,6 +126,7 @@ def _save_figure(figure, path: Path) -> Path:
 def plot_curves(history: list[dict[str, Any]], path: Path) -> Path:
     """Training losses and validation accuracy / macro-F1 / mask IoU per epoch."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in history]
     figure = Figure(figsize=(10, 3.5), layout="tight")
@@ -137,6 +141,8 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> Path:
             scores.plot(epochs, values, label=key.removeprefix("val_"))
     scores.set(xlabel="epoch", ylim=(0, 1.02), title="validation")
     scores.legend()
+    for axes in (losses, scores):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     return _save_figure(figure, path)
 
 

@@ -106,6 +106,10 @@ class ClassifierTraining:
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """Every learned parameter (model and loss weighting): what data-parallel ranks must agree on."""
+        return {name: p.detach() for module in (self.model, self.loss) for name, p in module.named_parameters(prefix=type(module).__name__)}
+
     # ----------------------------------------------------------------------------------- resume
 
     def _resume(self) -> tuple[int, list[dict[str, Any]], float, int, float]:
