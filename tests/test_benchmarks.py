@@ -62,3 +62,15 @@ def test_step4_benchmark(tiny_models_dir: Path, tmp_path: Path) -> None:
     assert re.search(r"ratio step4 / bare diffusers = [\d.]+", out) and re.search(r"batch +2: +[\d.]+ images/s", out), out
     for detector in ("pidinet", "hed", "canny", "depth_anything", "normalbae", "midas"):
         assert re.search(rf"{detector} +first run +[\d.]+ images/s +cached +[\d.]+ images/s", out), out
+
+
+def test_step5_metrics_benchmark(tiny_models_dir: Path) -> None:
+    out = bench("bench_step5_metrics.py", "--data", str(SAMPLE_ROOT), "evaluation.features=[clip]",
+                f"models.clip={tiny_models_dir / 'clip'}", "evaluation.lpips_pretrained_backbone=false",
+                "evaluation.kid_subsets=5", "run.device=cpu")
+    assert re.search(r"features_clip\s+[\d.]+ s\s+[\d.]+ images/s", out) and re.search(r"total .*: [\d.]+ s", out), out
+
+
+def test_step5_yolo_benchmark() -> None:
+    out = bench("bench_step5_yolo.py", "--data", str(SAMPLE_ROOT), "--epochs", "1", "--imgsz", "64", "--batch", "8")
+    assert re.search(r"wall time: [\d.]+ s", out) and re.search(r"test mAP50: [\d.]+", out), out
