@@ -61,3 +61,13 @@ def save_image(image: Image.Image, path: str | Path, **save_kwargs: Any) -> Path
     buffer = io.BytesIO()
     image.save(buffer, format=Image.registered_extensions()[path.suffix.lower()], **save_kwargs)
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link `source` to `target` (replacing it), or copy it atomically where links are impossible."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or one without hard links
+        atomic_write_bytes(target, source.read_bytes())

@@ -27,13 +27,12 @@ from neu_det_pipeline.captions import (
     CaptionAnnotator,
     ResultCache,
     keyword_table,
-    link_or_copy,
     read_train_images,
     top_keywords_by_class,
     write_imagefolder_metadata,
 )
 from neu_det_pipeline.cli import step_main
-from neu_det_pipeline.io import write_jsonl
+from neu_det_pipeline.io import link_or_copy, write_jsonl
 from neu_det_pipeline.recipe import Step, StepContext, console
 
 PARTIAL_RESULTS_FILE = "captions.partial.jsonl"

@@ -12,7 +12,6 @@ from neu_det_pipeline.captions.cache import ResultCache
 from neu_det_pipeline.captions.dataset import (
     DATASET_DIR,
     TrainImage,
-    link_or_copy,
     read_train_images,
     write_imagefolder_metadata,
 )
@@ -50,7 +49,6 @@ __all__ = [
     "ensemble_scores",
     "keyword_candidates",
     "keyword_table",
-    "link_or_copy",
     "load_scorer",
     "read_train_images",
     "render_variants",

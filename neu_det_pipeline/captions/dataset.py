@@ -8,12 +8,11 @@ inside its folder, so the Step 0 training copies are hard-linked in (copied acro
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from neu_det_pipeline.artifacts import train_rows
-from neu_det_pipeline.io import atomic_write_bytes, write_jsonl
+from neu_det_pipeline.io import write_jsonl
 
 METADATA_FILE = "metadata.jsonl"
 DATASET_DIR = "train"
@@ -48,16 +47,6 @@ def read_train_images(step0_dir: Path) -> list[TrainImage]:
         TrainImage(id=row["id"], image_class=row["class"], path=step0_dir / row["image"], source=row["source"])
         for row in train_rows(step0_dir)
     ]
-
-
-def link_or_copy(source: Path, target: Path) -> None:
-    """Hard-link `source` to `target` (replacing it), or copy it atomically where links are impossible."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.unlink(missing_ok=True)
-    try:
-        os.link(source, target)
-    except OSError:  # another file system, or one without hard links
-        atomic_write_bytes(target, source.read_bytes())
 
 
 def write_imagefolder_metadata(dataset_dir: Path, texts: dict[str, str]) -> Path:

@@ -20,9 +20,8 @@ import yaml
 from PIL import Image
 
 from neu_det_pipeline.artifacts import MANIFEST_FILE
-from neu_det_pipeline.captions.dataset import link_or_copy
 from neu_det_pipeline.config import CurationConfig
-from neu_det_pipeline.io import atomic_write_text, write_jsonl
+from neu_det_pipeline.io import atomic_write_text, link_or_copy, write_jsonl
 
 REASONS = ("degenerate", "memorised", "off-class", "label-inconsistent")
 REJECTIONS_FILE = "rejections.jsonl"

@@ -16,9 +16,8 @@ from typing import Any
 
 import yaml
 
-from neu_det_pipeline.captions.dataset import link_or_copy
 from neu_det_pipeline.config import UtilityConfig
-from neu_det_pipeline.io import atomic_write_text, read_json, write_json
+from neu_det_pipeline.io import atomic_write_text, link_or_copy, read_json, write_json
 from neu_det_pipeline.yolo import prepare_offline_ultralytics
 
 RESULT_FILE = "result.json"

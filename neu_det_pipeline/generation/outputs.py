@@ -20,7 +20,6 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from neu_det_pipeline.artifacts import MANIFEST_FILE
-from neu_det_pipeline.captions.dataset import link_or_copy
 from neu_det_pipeline.data.export import (
     box_mask,
     write_yolo_data_yaml,
@@ -32,6 +31,7 @@ from neu_det_pipeline.io import (
     FAST_PNG,
     atomic_write_text,
     jsonl_text,
+    link_or_copy,
     save_image,
     write_jsonl,
 )
