@@ -20,11 +20,10 @@ from neu_det_pipeline.captions import (
     ResultCache,
     build_prompt,
     ensemble_scores,
-    link_or_copy,
     zscore,
 )
 from neu_det_pipeline.errors import ConfigError, PipelineError
-from neu_det_pipeline.io import read_json, read_jsonl
+from neu_det_pipeline.io import link_or_copy, read_json, read_jsonl
 from neu_det_pipeline.recipe import run_step
 from neu_det_pipeline.step2_captions import PARTIAL_RESULTS_FILE, STEP
 
