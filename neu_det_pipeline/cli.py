@@ -1,9 +1,12 @@
 """Command-line entry points.
 
     python -m neu_det_pipeline.<step> --config PATH [key=value ...]
-    neu-det run-all --config PATH [key=value ...]
-    neu-det tiny-models DIR
+    neu-det run-all --config PATH [--from STEP | --only STEP[,STEP]] [--force STEP[,STEP]] [key=value ...]
     neu-det list-steps
+    neu-det doctor [--config PATH] [key=value ...]
+    neu-det show-config --config PATH [--key DOTTED.KEY] [key=value ...]
+    neu-det reuse --config PATH RUN_DIR [RUN_DIR ...] [key=value ...]
+    neu-det tiny-models DIR
     neu-det predict --checkpoint FILE IMAGE_OR_DIR --out DIR
     neu-det export-onnx --checkpoint FILE --out FILE.onnx
     neu-det metrics REAL_DIR SYNTH_DIR [--out DIR] [--config PATH] [key=value ...]
@@ -14,44 +17,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
+import json
 import logging
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-
-from rich.table import Table
 
 from neu_det_pipeline.config import PipelineConfig, load_config
 from neu_det_pipeline.errors import PipelineError
-from neu_det_pipeline.recipe import (
-    Step,
-    console,
-    new_progress,
-    run_step,
-    step_output_dir,
-)
+from neu_det_pipeline.recipe import console, run_step
+from neu_det_pipeline.runner import STEP_LAUNCHERS, StepFailed, load_step
 
 # bitsandbytes warns on every CPU import that an optional 4-bit kernel package is missing; it is not used here.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-
-STEP_LAUNCHERS = {
-    "step0_prepare": "python",
-    "step1_textual_inversion": "accelerate",
-    "step2_captions": "python",
-    "step3_lora": "accelerate",
-    "step4_generate": "accelerate",
-    "step5_evaluate": "python",
-    "step6_classifier": "accelerate",
-}
-"""Pipeline steps in run order (each module defines `STEP`) and how a GPU node starts them: training steps
-and sharded generation under `accelerate launch`. Kept here, not on `Step`, so listing the steps imports no model code."""
-STEP_MODULES = tuple(STEP_LAUNCHERS)
-
-
-def load_step(name: str) -> Step:
-    return importlib.import_module(f"neu_det_pipeline.{name}").STEP
 
 
 @contextlib.contextmanager
@@ -59,7 +38,7 @@ def user_errors() -> Iterator[None]:
     """Turn expected failures into one line and an exit code instead of a traceback."""
     try:
         yield
-    except PipelineError as exc:
+    except (PipelineError, StepFailed) as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -91,87 +70,190 @@ def step_main(step_name: str, argv: list[str] | None = None) -> None:
         run_step(step, setup(args))
 
 
-def run_all(config: PipelineConfig) -> list[dict]:
-    """Run every step in order in one progress display, then print one summary table."""
-    summaries = []
-    started = time.perf_counter()
-    with new_progress() as progress:
-        overall = progress.add_task("pipeline", total=len(STEP_MODULES))
-        for name in STEP_MODULES:
-            progress.update(overall, description=f"pipeline: {name}")
-            summaries.append(run_step(load_step(name), config, progress))
-            progress.advance(overall)
-    table = Table(title="neu-det run-all", title_justify="left")
-    for column in ("step", "status", "wall time (s)"):
-        table.add_column(column)
-    for summary in summaries:
-        status = "up to date" if summary.get("up_to_date") else summary["status"]
-        table.add_row(summary["step"], status, f"{summary['wall_time_s']:.1f}")
-    console.print(table)
-    for summary in summaries:
-        console.print(f"summary: {step_output_dir(config, summary['step'])}/summary.json", soft_wrap=True, highlight=False)
-    console.print(f"all outputs in {config.run.output_dir} ({time.perf_counter() - started:.1f} s)", soft_wrap=True, highlight=False)
-    return summaries
+# ------------------------------------------------------------------------------------- commands
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+    """Returns the exit code (None: 0)."""
+
+
+def _run_all_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_config_arguments(parser)
+    parser.add_argument("--from", dest="from_step", metavar="STEP", help="start at this step (earlier ones must be done)")
+    parser.add_argument("--only", metavar="STEP[,STEP]", help="run only these steps")
+    parser.add_argument("--force", metavar="STEP[,STEP]", default="", help="re-do these steps even if up to date")
+
+
+def _run_all(args: argparse.Namespace) -> None:
+    from neu_det_pipeline.runner import run_all, select_steps, step_names
+
+    steps = select_steps(args.from_step, args.only)  # bad names fail before any model loads
+    force = step_names(args.force, "--force") if args.force else []
+    run_all(setup(args), steps, force)
+
+
+def _list_steps(args: argparse.Namespace) -> None:
+    for name, launcher in STEP_LAUNCHERS.items():
+        print(name, launcher)
+
+
+def _doctor_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None, help="also check what this config needs")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from neu_det_pipeline.doctor import diagnose, print_report
+
+    report = diagnose(load_config(args.config, args.overrides) if args.config else None)
+    print_report(report, console)
+    return 1 if report.problems else 0
+
+
+def _show_config_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_config_arguments(parser)
+    parser.add_argument("--key", metavar="DOTTED.KEY", help="print only this value (e.g. run.output_dir)")
+
+
+def _show_config(args: argparse.Namespace) -> None:
+    from neu_det_pipeline.config import dump_config
+
+    config = load_config(args.config, args.overrides)
+    if args.key is None:
+        print(dump_config(config), end="")
+        return
+    try:
+        value = config.section(args.key)
+    except AttributeError:
+        raise PipelineError(f"--key {args.key}: no such config key; `neu-det show-config --config {args.config}` lists them") from None
+    value = value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+    print(json.dumps(value) if isinstance(value, (dict, list)) else value)
+
+
+def _reuse_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, type=Path)
+    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run.output_dir of earlier runs")
+
+
+def _reuse(args: argparse.Namespace) -> None:
+    from neu_det_pipeline.runner import reuse_finished_steps
+
+    # RUN_DIRs and key=value overrides share the positional arguments.
+    overrides = [arg for arg in map(str, args.runs) if "=" in arg]
+    runs = [Path(arg) for arg in map(str, args.runs) if "=" not in arg]
+    linked = reuse_finished_steps(
+        setup(argparse.Namespace(config=args.config, overrides=overrides)), runs,
+        lambda name, source: console.print(f"reused {name} from {source}", highlight=False),
+    )
+    if not linked:
+        console.print("nothing to reuse: no earlier run finished a step with this config's fingerprint", highlight=False)
+
+
+def _tiny_models_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _tiny_models(args: argparse.Namespace) -> None:
+    from neu_det_pipeline.testing.tiny_models import build_tiny_models
+
+    for name, path in build_tiny_models(args.dir, seed=args.seed).items():
+        console.print(f"{name:28s} {path}")
+
+
+def _predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, type=Path, help="best.pt / last.pt from step6_classifier, or a .onnx export")
+    parser.add_argument("input", type=Path, metavar="IMAGE_OR_DIR")
+    parser.add_argument("--out", required=True, type=Path, help="folder for overlays/ and predictions.csv")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from neu_det_pipeline.classifier.cli import predict_command
+
+    predict_command(args)
+
+
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path, help="the .onnx file to write")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from neu_det_pipeline.classifier.cli import export_command
+
+    export_command(args)
+
+
+def _metrics_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("real_dir", type=Path, help="NEU-DET folder, YOLO dataset, class subfolders or Step 4 folder")
+    parser.add_argument("synth_dir", type=Path, help="the same layouts")
+    parser.add_argument("--out", type=Path, default=Path("metrics"), help="folder for metrics.json and report.html")
+    parser.add_argument("--config", type=Path, default=None, help="YAML config for the `evaluation` and `models` keys (default: built-in defaults)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. evaluation.features=[clip]")
+
+
+def _metrics(args: argparse.Namespace) -> None:
+    from neu_det_pipeline.evaluation.commands import metrics_command
+
+    metrics_command(args.real_dir, args.synth_dir, args.out, args.config, args.overrides)
+
+
+def _compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="run.output_dir of each run; the first is the baseline")
+    parser.add_argument("--out", type=Path, default=Path("compare"), help="folder for compare.md and compare.html")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from neu_det_pipeline.evaluation.commands import compare_command
+
+    compare_command(args.run_dirs, args.out)
+
+
+COMMANDS = {
+    "run-all": Command("run every step in order (or --from / --only some), one log per step", _run_all_arguments, _run_all),
+    "list-steps": Command("print each step and its launcher (python or accelerate), in run order", lambda parser: None, _list_steps),
+    "doctor": Command("what this machine has for the pipeline and what a config needs; one line per problem", _doctor_arguments, _doctor),
+    "show-config": Command("print the resolved config (or one key) after extends and overrides", _show_config_arguments, _show_config),
+    "reuse": Command("link finished steps of earlier runs that this config would redo identically", _reuse_arguments, _reuse),
+    "tiny-models": Command("build tiny random models in hub layout (offline tests)", _tiny_models_arguments, _tiny_models),
+    "predict": Command("classify images with a Step 6 checkpoint (.pt) or ONNX export: overlays + predictions.csv", _predict_arguments, _predict),
+    "export-onnx": Command("export a Step 6 checkpoint to ONNX (dynamic batch), checked against onnxruntime", _export_arguments, _export),
+    "metrics": Command("image metrics (KID, FID, precision/recall, LPIPS, LBP) of SYNTH_DIR against REAL_DIR", _metrics_arguments, _metrics),
+    "compare": Command("Step 5 results of several runs side by side, with their config differences", _compare_arguments, _compare),
+}
+TRAILING_OVERRIDES = {"run-all", "doctor", "show-config", "reuse", "metrics"}
+"""Commands whose key=value overrides may also follow their options (argparse stops at the first option)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neu-det", description="NEU-DET diffusion augmentation pipeline")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        command.arguments(commands.add_parser(name, help=command.help, description=command.help))
+    return parser
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command not in TRAILING_OVERRIDES or any("=" not in arg for arg in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        if args.command == "reuse":
+            args.runs += [Path(arg) for arg in extra]
+        else:
+            args.overrides += extra
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="neu-det", description="NEU-DET diffusion augmentation pipeline")
-    commands = parser.add_subparsers(dest="command", required=True)
-    _add_config_arguments(commands.add_parser("run-all", help="run every step in order"))
-    commands.add_parser("list-steps", help="print each step and its launcher (python or accelerate), in run order")
-    tiny = commands.add_parser("tiny-models", help="build tiny random models in hub layout (offline tests)")
-    tiny.add_argument("dir", type=Path)
-    tiny.add_argument("--seed", type=int, default=0)
-    predict = commands.add_parser("predict", help="classify images with a Step 6 checkpoint (.pt) or ONNX export: overlays + predictions.csv")
-    predict.add_argument("--checkpoint", required=True, type=Path, help="best.pt / last.pt from step6_classifier, or a .onnx export")
-    predict.add_argument("input", type=Path, metavar="IMAGE_OR_DIR")
-    predict.add_argument("--out", required=True, type=Path, help="folder for overlays/ and predictions.csv")
-    export = commands.add_parser("export-onnx", help="export a Step 6 checkpoint to ONNX (dynamic batch), checked against onnxruntime")
-    export.add_argument("--checkpoint", required=True, type=Path)
-    export.add_argument("--out", required=True, type=Path, help="the .onnx file to write")
-    metrics = commands.add_parser("metrics", help="image metrics (KID, FID, precision/recall, LPIPS, LBP) of SYNTH_DIR against REAL_DIR")
-    metrics.add_argument("real_dir", type=Path, help="NEU-DET folder, YOLO dataset, class subfolders or Step 4 folder")
-    metrics.add_argument("synth_dir", type=Path, help="the same layouts")
-    metrics.add_argument("--out", type=Path, default=Path("metrics"), help="folder for metrics.json and report.html")
-    metrics.add_argument("--config", type=Path, default=None, help="YAML config for the `evaluation` and `models` keys (default: built-in defaults)")
-    metrics.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. evaluation.features=[clip]")
-    compare = commands.add_parser("compare", help="Step 5 results of several runs side by side, with their config differences")
-    compare.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="run.output_dir of each run; the first is the baseline")
-    compare.add_argument("--out", type=Path, default=Path("compare"), help="folder for compare.md and compare.html")
-    # `metrics` takes key=value overrides after its options too (argparse would stop at the first option).
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "metrics":
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if extra:
-        args.overrides += extra
-
+    args = parse(argv)
     with user_errors():
-        if args.command == "list-steps":
-            for name, launcher in STEP_LAUNCHERS.items():
-                print(name, launcher)
-        elif args.command == "tiny-models":
-            from neu_det_pipeline.testing.tiny_models import build_tiny_models
-
-            for name, path in build_tiny_models(args.dir, seed=args.seed).items():
-                console.print(f"{name:28s} {path}")
-        elif args.command == "predict":
-            from neu_det_pipeline.classifier.cli import predict_command
-
-            predict_command(args)
-        elif args.command == "export-onnx":
-            from neu_det_pipeline.classifier.cli import export_command
-
-            export_command(args)
-        elif args.command == "metrics":
-            from neu_det_pipeline.evaluation.commands import metrics_command
-
-            metrics_command(args.real_dir, args.synth_dir, args.out, args.config, args.overrides)
-        elif args.command == "compare":
-            from neu_det_pipeline.evaluation.commands import compare_command
-
-            compare_command(args.run_dirs, args.out)
-        else:
-            run_all(setup(args))
+        sys.exit(COMMANDS[args.command].run(args) or 0)
 
 
 if __name__ == "__main__":

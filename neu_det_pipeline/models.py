@@ -38,7 +38,7 @@ def inference_dtype(device: torch.device, mixed_precision: str) -> torch.dtype:
     return MIXED_PRECISION_DTYPES[mixed_precision] if device.type == "cuda" else torch.float32
 
 
-def _local_folder(model_id: str) -> Path | None:
+def local_folder(model_id: str) -> Path | None:
     """The folder `model_id` names, or None when it reads as a hub id."""
     if model_id.startswith(LOCAL_DIR_PREFIX):
         return Path(model_id.removeprefix(LOCAL_DIR_PREFIX))
@@ -91,7 +91,7 @@ def quiet_library_progress() -> None:
 def load_model(config_key: str, model_id: str, load: Callable[[], T]) -> T:
     """Run `load()`; a missing folder or an unreachable hub id becomes one line naming `config_key` and the fix."""
     quiet_library_progress()
-    folder = _local_folder(model_id)
+    folder = local_folder(model_id)
     if folder is not None and not folder.is_dir():
         raise PipelineError(
             f"{config_key}: model folder {folder} does not exist; set {config_key}=<folder in hub layout or hub id> "

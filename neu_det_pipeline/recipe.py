@@ -111,6 +111,8 @@ class Step:
     reads the Step 3 LoRA only when `generation.use_lora` is on)."""
     input_fingerprint: Callable[[PipelineConfig], Any] | None = None
     """Cheap fingerprint of input files outside the run folder (e.g. the dataset listing)."""
+    key_figure: Callable[[dict[str, Any]], str] | None = None
+    """The one number of its summary that `neu-det run-all` shows in its table."""
 
     def required_steps(self, config: PipelineConfig) -> tuple[str, ...]:
         return self.requires(config) if callable(self.requires) else self.requires

@@ -210,6 +210,7 @@ STEP = Step(
     # prepare.workers changes speed, not outputs.
     config_keys=("data", "prepare.resolution", "prepare.yolo_export", "prepare.contact_sheet_samples", "run.seed"),
     input_fingerprint=dataset_listing,
+    key_figure=lambda summary: f"{summary['images_valid']} images, {summary['boxes']} boxes, {summary['images_skipped']} skipped",
 )
 
 

@@ -51,6 +51,7 @@ STEP = Step(
     run=run,
     config_keys=training_config_keys("textual_inversion"),
     requires=("step0_prepare",),
+    key_figure=lambda summary: f"{len(summary['tokens'])} tokens, final loss {summary['final_loss']:.4f}",
 )
 
 

@@ -103,6 +103,7 @@ STEP = Step(
         "run.mixed_precision",
     ),
     requires=("step0_prepare",),
+    key_figure=lambda summary: f"{summary['train_images']} prompts ({summary['prompt_style']})",
 )
 
 

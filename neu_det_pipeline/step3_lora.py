@@ -58,6 +58,7 @@ STEP = Step(
     run=run,
     config_keys=training_config_keys("lora"),
     requires=("step0_prepare", "step1_textual_inversion", "step2_captions"),
+    key_figure=lambda summary: f"{summary['adapter']} rank {summary['rank']}, final loss {summary['final_loss']:.4f}",
 )
 
 

@@ -162,6 +162,7 @@ STEP = Step(
         "run.seed", "run.mixed_precision", "data.classes",
     ),
     requires=required_steps,
+    key_figure=lambda summary: f"{summary['images']} synthetic images",
 )
 
 

@@ -26,7 +26,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-
 from neu_det_pipeline.cli import step_main
 from neu_det_pipeline.data.split import HELD_OUT_SPLIT
 from neu_det_pipeline.evaluation import curation
@@ -212,6 +211,20 @@ def run(ctx: StepContext) -> dict[str, Any]:
     }
 
 
+def headline(summary: dict[str, Any]) -> str:
+    """YOLO mAP50 of real-only vs the best real+synthetic mix (the question Step 5 answers), then the KID."""
+    parts = []
+    map50 = summary.get("map50") or {}
+    if "real" in map50:
+        mixes = {name: value for name, value in map50.items() if name.startswith("real+synthetic")}
+        best = max(mixes, key=mixes.get) if mixes else None
+        parts.append(f"mAP50 real {map50['real']:.3f}" + (f" vs {best} {mixes[best]:.3f}" if best else ""))
+    kid = next(((key, value) for key, value in summary.items() if key.startswith("kid_")), None)
+    if kid:
+        parts.append(f"{kid[0].replace('_', ' ').upper()} {kid[1]:.4f}")
+    return ", ".join(parts)
+
+
 STEP = Step(
     name="step5_evaluate",
     title="fidelity, diversity, curation, YOLO utility, report",
@@ -219,7 +232,9 @@ STEP = Step(
     config_keys=("evaluation", "models.clip", "models.dinov3", "models.yolo", "data.classes", "data.train_fraction",
                  "run.seed", "run.device", "run.mixed_precision"),
     requires=("step0_prepare", "step4_generate"),
+    key_figure=headline,
 )
+
 
 
 def main(argv: list[str] | None = None) -> None:

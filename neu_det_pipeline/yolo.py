@@ -12,8 +12,8 @@ from typing import Any
 def prepare_offline_ultralytics(config_dir: Path) -> None:
     """Point ultralytics at `config_dir` with a local Arial.ttf; call before the first `import ultralytics`.
 
-    Ultralytics reads YOLO_CONFIG_DIR once at import, looks up hosts unless YOLO_OFFLINE is set, and
-    downloads Arial.ttf for its plots when the settings folder has none.
+    Ultralytics reads YOLO_CONFIG_DIR (and YOLO_VERBOSE) once at import, looks up hosts unless YOLO_OFFLINE is set,
+    and downloads Arial.ttf for its plots when the settings folder has none.
     """
     if "ultralytics" in sys.modules:
         return
@@ -26,6 +26,9 @@ def prepare_offline_ultralytics(config_dir: Path) -> None:
         shutil.copyfile(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf", font)
     os.environ.setdefault("YOLO_CONFIG_DIR", str(config_dir))
     os.environ.setdefault("YOLO_OFFLINE", "1")
+    # Its banners, per-epoch tables and tqdm bars would fill the step's display; the step shows its own progress.
+    # YOLO_VERBOSE=true in the environment brings them back.
+    os.environ.setdefault("YOLO_VERBOSE", "false")
 
 
 def check_yolo_dataset(data_yaml: Path, config_dir: Path) -> dict[str, Any]:

@@ -1,21 +1,34 @@
-"""The README's main job: `neu-det run-all --config configs/smoke.yaml`, offline, on CPU."""
+"""The README's main job, `neu-det run-all --config configs/smoke.yaml`, and the commands around it."""
 
 from __future__ import annotations
 
 import logging
+import os
+import re
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 from conftest import REPO, SMOKE_CONFIG, smoke_overrides
 
-from neu_det_pipeline.cli import STEP_MODULES
+from neu_det_pipeline.cli import COMMANDS, parse
+from neu_det_pipeline.config import load_config
+from neu_det_pipeline.errors import PipelineError
 from neu_det_pipeline.io import read_json
 from neu_det_pipeline.models import quiet_library_progress
+from neu_det_pipeline.runner import STEP_MODULES, select_steps
 
-# What third-party libraries print when nothing is wrong: tqdm bars ("Loading weights: 100%|...| 36/36 [...it/s]")
-# and transformers' notices ("[transformers] The new embeddings will be initialized ...").
-THIRD_PARTY_NOISE = ("it/s]", "s/it]", "[transformers]", "Loading weights", "Writing model shards", "Loading pipeline components")
+# What third-party libraries print when nothing is wrong: tqdm bars ("Loading weights: 100%|...| 36/36 [...it/s]"),
+# transformers' notices ("[transformers] The new embeddings will be initialized ..."), ultralytics' banners and
+# library warnings about their own deprecations.
+THIRD_PARTY_NOISE = (
+    "it/s", "s/it", "[transformers]", "Loading weights", "Writing model shards", "Loading pipeline components", "Ultralytics ",
+    "UserWarning", "FutureWarning",
+)
 
 
 def assert_no_third_party_noise(output: str) -> None:
@@ -27,22 +40,80 @@ def neu_det(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "neu_det_pipeline.cli", *args], capture_output=True, text=True, cwd=cwd)
 
 
-def test_run_all_smoke_then_rerun_is_up_to_date(tiny_models_dir: Path, tmp_path: Path) -> None:
+def one_line(text: str) -> str:
+    return text.replace("\n", "")
+
+
+def test_run_all_interrupted_resumed_then_up_to_date(tiny_models_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "smoke"
     args = ["run-all", "--config", str(SMOKE_CONFIG), *smoke_overrides(tiny_models_dir, out)]
-    first = neu_det(*args)
-    assert first.returncode == 0, first.stderr[-3000:]
+    command = [sys.executable, "-m", "neu_det_pipeline.cli", *args]
+
+    # Killed as soon as Step 2 has finished, like a job whose node went away.
+    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not (out / "step2_captions" / "summary.json").is_file() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert (out / "step2_captions" / "summary.json").is_file()
+
+    resumed = neu_det(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     for name in STEP_MODULES:
         summary = read_json(out / name / "summary.json")
-        assert summary["status"] == "complete" and summary["config_hash"]
-        assert (out / name / "config.yaml").is_file()
-        assert f"{out / name}/summary.json" in first.stderr.replace("\n", "")
-    assert f"all outputs in {out}" in first.stderr.replace("\n", "")
-    assert_no_third_party_noise(first.stdout + first.stderr)
+        assert summary["status"] == "complete" and summary["config_hash"], name
+        assert (out / name / "config.yaml").is_file() and (out / "logs" / f"{name}.log").is_file(), name
+    for name in ("step0_prepare", "step1_textual_inversion", "step2_captions"):
+        assert f"{name}: up to date" in one_line(resumed.stderr)
+    assert "step3_lora: up to date" not in one_line(resumed.stderr)
+    # One table, a key figure per step, the report's path.
+    assert re.search(r"step4_generate +│ +complete +│ +[\d.]+ +│ +36 synthetic images", resumed.stderr), resumed.stderr[-3000:]
+    assert f"report: {out}/step5_evaluate/report.html" in one_line(resumed.stderr)
+    log = (out / "logs" / "step3_lora.log").read_text()
+    assert "step3_lora summary" in log and "final_loss" in log  # the step's own output, recorded
+    assert_no_third_party_noise(resumed.stdout + resumed.stderr)
 
-    second = neu_det(*args)
-    assert second.returncode == 0
-    assert second.stderr.count("up to date") >= len(STEP_MODULES)
+    again = neu_det(*args)
+    assert again.returncode == 0
+    assert one_line(again.stderr).count(": up to date in") == len(STEP_MODULES)
+
+    forced = neu_det(*args, "--only", "step2_captions", "--force", "step2_captions")
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    assert "step2_captions: up to date" not in one_line(forced.stderr) and "step0_prepare" not in forced.stderr
+    assert not read_json(out / "step2_captions" / "summary.json").get("up_to_date")
+
+
+def test_step_selection() -> None:
+    assert select_steps() == list(STEP_MODULES)
+    assert select_steps(from_step="step4_generate") == ["step4_generate", "step5_evaluate", "step6_classifier"]
+    assert select_steps(only="step6_classifier,step2_captions") == ["step2_captions", "step6_classifier"]  # run order
+    with pytest.raises(PipelineError, match="unknown step step9"):
+        select_steps(only="step9")
+    with pytest.raises(PipelineError, match="exclude each other"):
+        select_steps(from_step="step1_textual_inversion", only="step2_captions")
+
+
+def test_failing_step_stops_with_its_name_error_and_log(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = neu_det("run-all", "--config", str(SMOKE_CONFIG), f"run.output_dir={out}", f"data.root={tmp_path / 'missing'}")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    log = out / "logs" / "step0_prepare.log"
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "step0_prepare failed" in errors[0] and "data.root" in one_line(result.stderr) and str(log) in one_line(result.stderr)
+    assert "DataError" in log.read_text() and not (out / "step1_textual_inversion").exists()
+
+
+def test_run_all_script_stops_at_the_failing_step_with_its_log(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run(
+        ["bash", str(REPO / "steps" / "run_all.sh"), str(SMOKE_CONFIG), f"run.output_dir={out}", f"data.root={tmp_path / 'missing'}"],
+        capture_output=True, text=True, cwd=REPO, env=env,
+    )
+    log = out / "logs" / "step0_prepare.log"
+    assert result.returncode == 1 and f"error: step0_prepare failed; its output is in {log}" in result.stderr, result.stderr
+    assert "does not exist" in log.read_text() and "=== step1" not in result.stdout
 
 
 def test_list_steps_names_launchers() -> None:
@@ -50,7 +121,7 @@ def test_list_steps_names_launchers() -> None:
     lines = result.stdout.split("\n")
     assert result.returncode == 0 and [line.split()[0] for line in lines if line] == list(STEP_MODULES)
     launchers = dict(line.split() for line in lines if line)
-    assert launchers["step1_textual_inversion"] == launchers["step3_lora"] == "accelerate"
+    assert launchers["step1_textual_inversion"] == launchers["step3_lora"] == launchers["step4_generate"] == "accelerate"
     assert launchers["step0_prepare"] == launchers["step2_captions"] == "python"
 
 
@@ -89,3 +160,87 @@ def test_quieting_drops_only_the_known_notice() -> None:
     finally:
         logger.removeHandler(handler)
     assert [record.getMessage() for record in records] == ["Some weights of CLIPTextModel were not initialized from the model checkpoint"]
+
+
+# ------------------------------------------------------------------------------------ doctor, reuse
+
+
+def test_doctor_offline(tiny_models_dir: Path, tmp_path: Path) -> None:
+    smoke = neu_det("doctor", "--config", str(SMOKE_CONFIG), *smoke_overrides(tiny_models_dir, tmp_path))
+    assert smoke.returncode == 0 and "no problem found" in smoke.stderr, smoke.stderr[-3000:]
+    assert "offline mode (HF_HUB_OFFLINE=1)" in one_line(smoke.stderr) and "local folder" in smoke.stderr
+
+    base = neu_det("doctor", "--config", str(REPO / "configs" / "base.yaml"))
+    problems = [line for line in base.stderr.splitlines() if line.startswith("problem:")]
+    assert base.returncode == 1 and problems, base.stderr[-3000:]
+    assert any("models.sd15='runwayml/stable-diffusion-v1-5'" in line and "huggingface-cli download" in line for line in problems)
+    assert any("models.dinov3" in line and "gated" in line for line in problems)
+
+
+def test_reuse_links_only_steps_with_the_same_fingerprint(step0_sample_dir: Path, tmp_path: Path) -> None:
+    common = ["--config", str(SMOKE_CONFIG), f"data.root={REPO / 'data' / 'neu-det-sample'}", "run.tiny_models_dir=null"]
+    same = neu_det("reuse", *common, str(step0_sample_dir), f"run.output_dir={tmp_path / 'same'}")
+    assert same.returncode == 0 and "reused step0_prepare" in same.stderr, same.stderr
+    summary = read_json(tmp_path / "same" / "step0_prepare" / "summary.json")
+    assert summary["reused_from"] == str(step0_sample_dir / "step0_prepare")
+    assert load_config(tmp_path / "same" / "step0_prepare" / "config.yaml").run.output_dir == tmp_path / "same"
+    assert read_json(step0_sample_dir / "step0_prepare" / "summary.json").get("reused_from") is None  # source untouched
+
+    other = neu_det("reuse", *common, str(step0_sample_dir), f"run.output_dir={tmp_path / 'other'}", "prepare.resolution=32")
+    assert other.returncode == 0 and "nothing to reuse" in other.stderr and not (tmp_path / "other" / "step0_prepare").exists()
+
+
+# ------------------------------------------------------------------------------------------ docs
+
+COMMAND_PATTERN = re.compile(r"^(?:[A-Z_]+=\S+ )*(neu-det|python -m neu_det_pipeline\.\w+|accelerate launch(?: [-\w]+)* -m neu_det_pipeline\.\w+|steps/\w+\.sh|python benchmarks/\w+\.py)(.*)$")
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    """(file, command line) for every pipeline command in the README's and TRAINING_INSTRUCTIONS' code blocks."""
+    commands = []
+    for name in ("README.md", "TRAINING_INSTRUCTIONS.md"):
+        blocks = re.findall(r"```bash\n(.*?)```", (REPO / name).read_text(), re.DOTALL)
+        for line in (line.split("  #")[0].strip() for block in blocks for line in block.splitlines()):
+            for part in line.split("&&"):
+                if COMMAND_PATTERN.match(part.strip()):
+                    commands.append((name, part.strip()))
+    return commands
+
+
+@pytest.mark.parametrize(("doc", "line"), documented_commands(), ids=lambda value: value if len(value) < 60 else value[:60])
+def test_documented_command_parses(doc: str, line: str) -> None:
+    words = shlex.split(line)
+    while "=" in words[0]:  # VAR=value prefixes
+        words.pop(0)
+    program, rest = COMMAND_PATTERN.match(" ".join(words)).groups()
+    args = shlex.split(rest)
+    if program.startswith("python benchmarks/"):
+        assert (REPO / program.split()[1]).is_file(), f"{doc}: {line}"
+        return
+    if program == "neu-det":
+        parsed = parse(args)
+        assert parsed.command in COMMANDS
+        config, overrides = getattr(parsed, "config", None), getattr(parsed, "overrides", [])
+    elif program.startswith("steps/"):
+        assert (REPO / program).is_file(), f"{doc}: {line}"
+        script_args = args[1:] if program.endswith("run_step.sh") else args
+        if program.endswith("run_step.sh"):
+            assert args[0] in STEP_MODULES, f"{doc}: {line}"
+        config = None if program.endswith("run_ab.sh") else Path(script_args[0])
+        overrides = script_args if program.endswith("run_ab.sh") else script_args[1:]
+    else:  # python -m / accelerate launch -m neu_det_pipeline.<step>
+        step = program.rsplit(".", 1)[1]
+        assert step in STEP_MODULES or step == "cli", f"{doc}: {line}"
+        assert args[0] == "--config", f"{doc}: {line}"
+        config, overrides = Path(args[1]), args[2:]
+    if config is not None:
+        assert (REPO / config).is_file(), f"{doc}: {line}: no config {config}"
+        load_config(REPO / config, [o for o in overrides if "=" in o])
+    elif overrides:
+        load_config(REPO / "configs" / "base.yaml", overrides)
+
+
+def test_docs_show_the_commands_that_matter() -> None:
+    shown = " ".join(line for _, line in documented_commands())
+    for command in ("neu-det run-all", "neu-det doctor", "steps/run_all.sh", "steps/run_ab.sh", "neu-det compare", "neu-det predict"):
+        assert command in shown, command

@@ -66,6 +66,8 @@ class YoloRunner:
     """Trains and tests YOLO runs with one configuration; finished runs are read back, not retrained."""
 
     def __init__(self, model: str, config: UtilityConfig, out_dir: Path, device: str) -> None:
+        # Absolute: ultralytics puts a relative `project` under its own `runs/` folder, outside the step's output.
+        out_dir = out_dir.resolve()
         prepare_offline_ultralytics(out_dir / "ultralytics-settings")
         self.model, self.config, self.out_dir, self.device = model, config, out_dir, device
 
