@@ -152,6 +152,8 @@ def test_backbone_errors_are_one_line() -> None:
     with pytest.raises(PipelineError, match=r"classifier.backbone=timm:no_such_net could not be built") as info:
         create_backbone("timm:no_such_net", "", False, {}, 64)
     assert "\n" not in str(info.value)
+    with pytest.raises(PipelineError, match=r"could not be built .* in the Hugging Face cache or downloadable \(or set classifier.pretrained=false\)"):
+        create_backbone("timm:vit_small_patch16_dinov3.lvd1689m", "", True, {}, 64)  # offline, not cached
     with pytest.raises(PipelineError, match=r"classifier.image_size=72 is not a multiple of the patch size 16"):
         create_backbone("timm:vit_small_patch16_dinov3", "", False, TINY_TIMM_VIT, 72)
     with pytest.raises(ConfigError, match=r"classifier.backbone='resnet18' must be `dinov3` or `timm:<model name>`"):

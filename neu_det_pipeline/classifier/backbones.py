@@ -80,7 +80,7 @@ def create_backbone(name: str, dinov3_id: str, pretrained: bool, kwargs: dict[st
         spec = {"source": "timm", "name": name.removeprefix(TIMM_PREFIX), "kwargs": dict(kwargs)}
         model = _create_timm(spec, pretrained)
     backbone = _wrap(model, spec)
-    _check_image_size(backbone, image_size, name)
+    _fit_image_size(backbone, image_size, name)
     return backbone, spec
 
 
@@ -92,7 +92,7 @@ def backbone_from_spec(spec: dict, image_size: int) -> Backbone:
         backbone = _wrap(DINOv3ViTModel(DINOv3ViTConfig.from_dict(spec["config"])), spec)
     else:
         backbone = _wrap(_create_timm(spec, pretrained=False), spec)
-    _check_image_size(backbone, image_size, spec.get("name", "dinov3"))
+    _fit_image_size(backbone, image_size, spec.get("name", "dinov3"))
     return backbone
 
 
@@ -122,7 +122,7 @@ def _wrap(model: nn.Module, spec: dict) -> Backbone:
     return FeatureMapBackbone(model, model.num_features)
 
 
-def _check_image_size(backbone: Backbone, image_size: int, name: str) -> None:
+def _fit_image_size(backbone: Backbone, image_size: int, name: str) -> None:
     if isinstance(backbone, TokenGridBackbone):
         if image_size % backbone.patch_size:
             raise PipelineError(
