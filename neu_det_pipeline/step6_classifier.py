@@ -78,7 +78,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
         "training_data": training_data(section),
         "images": data.counts(),
         "classes": data.classes,
-        "parameters": training.trainable_parameters(),
+        "parameters": training.parameter_count(),
         "processes": training.accelerator.num_processes,
         "epochs_trained": len(result.history),
         "stopped_by_time_budget": result.stopped_by_time_budget,

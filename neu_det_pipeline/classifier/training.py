@@ -103,7 +103,7 @@ class ClassifierTraining:
             self.optimizer, [head, lambda step: warmup_cosine(step, unfreeze, warmup, total), head][: len(groups)]
         )
 
-    def trainable_parameters(self) -> int:
+    def parameter_count(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
     def trained_state(self) -> dict[str, torch.Tensor]:
