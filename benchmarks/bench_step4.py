@@ -29,7 +29,7 @@ from diffusers import (
     StableDiffusionControlNetPipeline,
     StableDiffusionXLControlNetPipeline,
 )
-from loop_comparison import prepared_run
+from loop_comparison import parse_with_threads, prepared_run
 
 from neu_det_pipeline import step0_prepare
 from neu_det_pipeline.artifacts import train_rows
@@ -59,12 +59,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--map-images", type=int, default=12, help="training images per detector in part 3")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    return args
+    return parse_with_threads(parser)
 
 
 def step_config(args: argparse.Namespace, out: Path, *overrides: str) -> PipelineConfig:

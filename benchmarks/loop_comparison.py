@@ -29,6 +29,11 @@ def parse_args(description: str) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per timed run")
     parser.add_argument("--warmup", type=int, default=5, help="steps excluded from each timing")
     parser.add_argument("--repeats", type=int, default=5)
+    return parse_with_threads(parser)
+
+
+def parse_with_threads(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Every benchmark's last arguments: torch threads (applied here) and config `key=value` overrides."""
     # On a shared 2-core CPU, two OpenMP threads made single runs swing tenfold; one thread is steady.
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")

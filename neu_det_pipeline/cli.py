@@ -250,11 +250,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """The `neu-det` console script; returns the exit code (its wrapper passes it to `sys.exit`)."""
     args = parse(argv)
     with user_errors():
-        sys.exit(COMMANDS[args.command].run(args) or 0)
+        return COMMANDS[args.command].run(args) or 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

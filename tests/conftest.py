@@ -26,6 +26,21 @@ SAMPLE_ROOT = REPO / "data" / "neu-det-sample"
 SHARED_NEU_DET = REPO.parent / "shared" / "neu-det"
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models on a shared 2-core CPU: one thread is several times faster than two contending ones.
+
+    Module scope, named first through `pytestmark = pytest.mark.usefixtures("one_torch_thread")`: module-scoped
+    fixtures that train run under it too.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every tiny model, built once per test session in hub layout."""

@@ -27,6 +27,8 @@ from neu_det_pipeline.io import read_json, read_jsonl, write_json, write_jsonl
 from neu_det_pipeline.recipe import run_step
 from neu_det_pipeline.step6_classifier import STEP
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 STEP0 = "step0_prepare"
 # Loss falls: no augmentation, fixed weights, no frozen stage, a few epochs on the 36 training images.
 LEARN = ("classifier.loss_weighting=fixed", "classifier.freeze_epochs=0", "classifier.epochs=12", "classifier.learning_rate=0.01", "classifier.dropout=0",
@@ -37,15 +39,6 @@ BACKBONES = {
                         "classifier.backbone_kwargs={embed_dim: 32, depth: 2, num_heads: 2}"),
     "timm-cnn": ("classifier.backbone=timm:test_resnet", "classifier.pretrained=false", "classifier.backbone_kwargs={output_stride: 16}"),
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models: one thread is faster than two contending for a shared CPU, and results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -67,12 +60,7 @@ def trained(tiny_models_dir: Path, step0_sample_dir: Path, tmp_path_factory: pyt
     out = tmp_path_factory.mktemp("step6")
     shutil.copytree(step0_sample_dir / STEP0, out / STEP0)
     config = load_config(SMOKE_CONFIG, smoke_overrides(tiny_models_dir, out))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_step(STEP, config)
-    finally:
-        torch.set_num_threads(threads)
+    run_step(STEP, config)
     return out / STEP.name
 
 

@@ -45,21 +45,13 @@ from neu_det_pipeline.training.textual_inversion import (
     load_learned_embeddings,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
 # configs/smoke.yaml already trains at 32 px for 4 steps; validation only at the end.
 FAST = ("textual_inversion.validation_steps=1000",)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one thread is faster than two threads contending for a shared CPU.
-
-    Module scope: autouse fixtures of a scope run first, so the module-scoped training below gets it too.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def with_step0(step0_sample_dir: Path, out: Path, train_images: int | None = None) -> Path:

@@ -47,19 +47,14 @@ from neu_det_pipeline.training.diffusion import (
 from neu_det_pipeline.training.lora import LoraTraining, optimizer_state_bits
 from neu_det_pipeline.training.textual_inversion import load_learned_embeddings
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # Small and fast: 32 px, validation with one denoising step, only at the end.
 FAST = ("lora.resolution=32", "lora.validation_inference_steps=1", "lora.validation_steps=1000")
 EMBEDDING_DIM = 32  # hidden size of the tiny text encoders
 PROMPT = "a grayscale photo of {token} on a steel strip"
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models: one thread is several times faster than two threads contending for a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_upstream(step0_sample_dir: Path, out: Path, config: PipelineConfig) -> None:

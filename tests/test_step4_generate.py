@@ -49,18 +49,13 @@ from neu_det_pipeline.io import read_json, read_jsonl, write_jsonl
 from neu_det_pipeline.recipe import run_step
 from neu_det_pipeline.step4_generate import STEP
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TOLERANCE = 2  # grey levels of 255, see the module docstring
 TEMPLATE_PROMPTS = ("generation.use_textual_inversion=false", "generation.use_lora=false", "generation.prompt_source=template")
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one thread is faster than two threads contending for a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def with_step0(step0_sample_dir: Path, out: Path, classes: tuple[str, ...] = ("crazing", "scratches"), per_class: int = 1) -> Path:
@@ -429,6 +424,7 @@ def write_then_die(*args, **kwargs):
 
 maker.write_image_files = write_then_die
 from neu_det_pipeline.step4_generate import main
+
 main(sys.argv[1:])
 """
 
