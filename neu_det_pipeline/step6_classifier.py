@@ -121,6 +121,8 @@ STEP = Step(
     ),
     requires=required_steps,
     input_fingerprint=user_folders,
+    key_figure=lambda summary: f"test accuracy {summary['test_accuracy']:.3f}, macro-F1 {summary['test_macro_f1']:.3f}"
+    + (f", mask IoU {summary['test_mask_iou']:.3f}" if summary.get("test_mask_iou") is not None else ""),
 )
 
 
