@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from neu_det_pipeline.evaluation.fidelity import distribution_metrics, kernel_di
 from neu_det_pipeline.evaluation.images import ImageFolder, read_image_folder
 from neu_det_pipeline.evaluation.perceptual import LPIPSDistance, edge_ssim, lbp_class_matrix, lbp_histogram
 from neu_det_pipeline.evaluation.utility import gain_recovered, image_consistency, synthetic_subset
+from neu_det_pipeline.testing.random_inception import random_inception_weights
 
 
 @pytest.fixture(scope="module")
@@ -36,27 +36,6 @@ def _halves(folder: ImageFolder) -> tuple[ImageFolder, ImageFolder]:
     return folder.subset(first), folder.subset(second)
 
 
-def _inception_weights(path: Path, calibration: np.ndarray) -> Path:
-    """Inception-v3 (torch-fidelity's architecture) with random, properly initialised weights: He-normal
-    convolutions and batch-norm statistics measured on real images. The default init gives ~1e-7 features."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    with mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", return_value={}), \
-            mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict"):
-        network = FeatureExtractorInceptionV3("random-inception", ["2048"])
-    torch.manual_seed(0)
-    for module in network.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-        elif isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None  # cumulative average over the calibration pass
-    network.train()
-    with torch.no_grad():
-        network(torch.from_numpy(calibration).unsqueeze(1).expand(-1, 3, -1, -1).contiguous())
-    torch.save(network.state_dict(), path)
-    return path
-
-
 def test_kid_of_real_vs_real_is_below_real_vs_degraded(sample: ImageFolder, tmp_path: Path) -> None:
     per_class = [sample.indices_of(name) for name in sample.classes]
     real_a = sample.subset([i for indices in per_class for i in indices[0:2]])
@@ -65,7 +44,7 @@ def test_kid_of_real_vs_real_is_below_real_vs_degraded(sample: ImageFolder, tmp_
     # but any conv stack responds to added high-frequency energy.
     noise = np.random.default_rng(0).normal(0, 40, real_b.pixels.shape)
     degraded = np.clip(real_b.pixels + noise, 0, 255).astype(np.uint8)
-    weights = _inception_weights(tmp_path / "inception.pth", sample.pixels[4::10])
+    weights = random_inception_weights(tmp_path / "inception.pth", sample.pixels[4::10])
     config = load_config(SMOKE_CONFIG, [f"evaluation.inception_weights={weights}", "evaluation.batch_size=12"])
     extractor = load_extractor("inception", config)
     features_a, features_b, features_degraded = extractor(real_a.pixels), extractor(real_b.pixels), extractor(degraded)

@@ -81,7 +81,8 @@ def quiet(pipe: DiffusionPipeline) -> DiffusionPipeline:
 def test_every_model_is_built_in_hub_layout(models: dict[str, Path]) -> None:
     root = next(iter(models.values())).parent
     assert sorted(p.name for p in root.iterdir()) == sorted(TINY_MODEL_NAMES)  # no staging folders left
-    marker = {"sd15": "model_index.json", "sdxl": "model_index.json", "open_clip": "open_clip_config.json"}
+    marker = {"sd15": "model_index.json", "sdxl": "model_index.json", "open_clip": "open_clip_config.json",
+              "annotators": "table5_pidinet.pth"}  # controlnet_aux's file name in lllyasviel/Annotators
     for name, folder in models.items():
         assert (folder / marker.get(name, "config.json")).is_file(), name
         assert not list(folder.rglob("*.bin")), f"{name} should be saved as safetensors only"
@@ -102,8 +103,10 @@ def test_same_seed_gives_identical_weights(tmp_path: Path) -> None:
     first = build_tiny_models(tmp_path / "first", seed=3)
     build_tiny_models(tmp_path / "second", seed=3)
     other_seed = build_tiny_models(tmp_path / "other", seed=4, only=["sd15"])
-    weight_files = sorted(f.relative_to(tmp_path / "first") for f in (tmp_path / "first").rglob("*.safetensors"))
-    assert len(weight_files) == 17  # one per model, but 3 in sd15 and 4 in sdxl
+    weight_files = sorted(
+        f.relative_to(tmp_path / "first") for pattern in ("*.safetensors", "*.pth") for f in (tmp_path / "first").rglob(pattern)
+    )
+    assert len(weight_files) == 19  # one per model, but 3 in sd15 and 4 in sdxl
     for relative in weight_files:
         assert (tmp_path / "first" / relative).read_bytes() == (tmp_path / "second" / relative).read_bytes(), relative
     unet = Path("unet/diffusion_pytorch_model.safetensors")
