@@ -59,6 +59,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--map-images", type=int, default=12, help="training images per detector in part 3")
+    parser.add_argument("--map-resolution", type=int, default=None, help="control-map side in part 3 (default: generation.resolution)")
+    parser.add_argument("--maps-only", action="store_true", help="part 3 only")
     return parse_with_threads(parser)
 
 
@@ -122,8 +124,8 @@ def random_annotator(name: str) -> object:
     return aux.MidasDetector(DPTDepthModel(path=None, backbone="vitb_rn50_384", non_negative=True).eval())
 
 
-def map_extraction(config: PipelineConfig, run_dir: Path, images: int) -> None:
-    resolution, device, root = config.generation.resolution, resolve_device(config.run.device), Path(config.data.root)
+def map_extraction(config: PipelineConfig, run_dir: Path, images: int, resolution: int) -> None:
+    device, root = resolve_device(config.run.device), Path(config.data.root)
     sources = [(root / row["source"], file_sha256(root / row["source"])) for row in train_rows(run_dir / "step0_prepare")[:images]]
     print(f"control maps: {len(sources)} training images at {resolution} px")
     for name in ("pidinet", "hed", "canny", "depth_anything", "normalbae", "midas"):
@@ -147,6 +149,10 @@ def map_extraction(config: PipelineConfig, run_dir: Path, images: int) -> None:
 def main() -> None:
     args = parse_args()
     with prepared_run(args, TEMPLATE_PROMPTS, (step0_prepare.STEP,)) as (config, run_dir):
+        map_resolution = args.map_resolution or config.generation.resolution
+        if args.maps_only:
+            map_extraction(config, run_dir, args.map_images, map_resolution)
+            return
         shared = run_dir / "maps"
         with_cache = f"generation.control_cache_dir={shared}"
         console.quiet = True
@@ -169,7 +175,7 @@ def main() -> None:
             rate = step_images_per_second(args, run_dir, run_dir / f"batch-{size}", with_cache, f"generation.batch_size={size}")
             print(f"batch {size:2d}: {rate:7.3f} images/s")
         console.quiet = False
-        map_extraction(config, run_dir, args.map_images)
+        map_extraction(config, run_dir, args.map_images, map_resolution)
 
 
 if __name__ == "__main__":
