@@ -74,3 +74,9 @@ def test_step5_metrics_benchmark(tiny_models_dir: Path) -> None:
 def test_step5_yolo_benchmark() -> None:
     out = bench("bench_step5_yolo.py", "--data", str(SAMPLE_ROOT), "--epochs", "1", "--imgsz", "64", "--batch", "8")
     assert re.search(r"wall time: [\d.]+ s", out) and re.search(r"test mAP50: [\d.]+", out), out
+
+
+def test_smoke_benchmark() -> None:
+    out = bench("bench_smoke.py", "--only", "step0_prepare")
+    assert re.search(r"tiny models \(once per checkout\) +[\d.]+ s", out) and re.search(r"step0_prepare +[\d.]+ s", out), out
+    assert re.search(r"run-all total \(process\) +[\d.]+ s", out), out
