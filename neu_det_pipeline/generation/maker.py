@@ -120,7 +120,7 @@ class SyntheticImageMaker:
         self.stats.images += len(images)
         rows = []
         for item, image in zip(batch, images):
-            row = self.manifest_row(item, image)
+            row = self.manifest_row(item)
             write_image_files(self.out_dir, row, self.output_image(item, image), self.config.data.classes)
             rows.append(row)
         return rows
@@ -148,7 +148,7 @@ class SyntheticImageMaker:
             for box in item.source["boxes"]
         ]
 
-    def manifest_row(self, item: WorkItem, image: Image.Image) -> dict[str, Any]:
+    def manifest_row(self, item: WorkItem) -> dict[str, Any]:
         section, models = self.section, self.generator.models
         width, height = self.output_size(item)
         return {

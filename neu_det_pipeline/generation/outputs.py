@@ -173,11 +173,11 @@ def contact_sheet(rows: list[dict[str, Any]], out_dir: Path, source_image: dict[
 
 def _tile(path: Path, boxes: list[dict[str, Any]] | None = None) -> Image.Image:
     with Image.open(path) as image:
-        scale = SHEET_TILE / max(image.size)
+        sx, sy = SHEET_TILE / image.width, SHEET_TILE / image.height  # the tile is square whatever the image
         tile = image.convert("RGB").resize((SHEET_TILE, SHEET_TILE), Image.Resampling.BILINEAR)
     draw = ImageDraw.Draw(tile)
     for box in boxes or []:
-        draw.rectangle([box["xmin"] * scale, box["ymin"] * scale, box["xmax"] * scale - 1, box["ymax"] * scale - 1], outline="red")
+        draw.rectangle([box["xmin"] * sx, box["ymin"] * sy, box["xmax"] * sx - 1, box["ymax"] * sy - 1], outline="red")
     return tile
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -121,8 +121,6 @@ class GenerationModels:
     controlnets: dict[str, str]
     lora_sha256: str | None = None
     token_sha256: str | None = None
-    tokens: dict[str, str] = field(default_factory=dict)
-    """Class -> Step 1 token (empty without Step 1)."""
 
 
 def step1_tokens(step1_dir: Path) -> tuple[dict[str, str], str]:
@@ -185,7 +183,7 @@ class ControlNetGenerator:
 
         self.models = GenerationModels(base=base_id, controlnets={c: model_id for c, (_, model_id) in self.controlnet_ids.items()})
         if section.use_textual_inversion:
-            self.models.tokens, self.models.token_sha256 = step1_tokens(step1_dir)
+            self.models.token_sha256 = step1_tokens(step1_dir)[1]
             load_learned_embeddings(self.pipe, step1_dir)
         if section.use_lora:
             lora_file = step3_lora_file(step3_dir)
