@@ -70,6 +70,11 @@ class Report:
 
 def machine_facts(report: Report) -> list[float]:
     """Fill the machine rows; returns each GPU's memory in GiB."""
+    from neu_det_pipeline import compat
+
+    report.problems.extend(compat.matching(compat.BREAKS))
+    for limit in compat.matching(compat.LIMITS):
+        report.machine.append(("known library limit", limit))
     import torch
 
     report.machine.append(("torch", f"{torch.__version__} (CUDA build {torch.version.cuda or 'none'})"))

@@ -9,7 +9,8 @@ the same command plus `lora.resume=latest` (the losses are the ones an uninterru
 
 Outputs in `<run.output_dir>/step3_lora/`:
     pytorch_lora_weights.safetensors   diffusers format with the adapter configs as metadata:
-                                       `pipe.load_lora_weights(folder)` after loading the Step 1 tokens
+                                       `training.lora.load_lora(pipe, folder)` (or diffusers'
+                                       `pipe.load_lora_weights(folder)`) after loading the Step 1 tokens
     losses.json                        loss per optimizer step
     validation/step-<N>.png            one row of seeded images per class
     checkpoints/checkpoint-<N>/        resumable state (newest `checkpoints_total_limit` kept)

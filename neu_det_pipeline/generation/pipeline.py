@@ -41,7 +41,6 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
     rescale_noise_cfg,
 )
 from PIL import Image
-from safetensors import safe_open
 
 from neu_det_pipeline.artifacts import LORA_WEIGHTS_FILE, TOKEN_MAP_FILE
 from neu_det_pipeline.config import PipelineConfig
@@ -49,6 +48,7 @@ from neu_det_pipeline.errors import PipelineError
 from neu_det_pipeline.io import read_json
 from neu_det_pipeline.models import drop_log_messages, load_model
 from neu_det_pipeline.training.diffusion import base_model
+from neu_det_pipeline.training.lora import load_lora
 from neu_det_pipeline.training.textual_inversion import load_learned_embeddings
 
 SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
@@ -152,13 +152,6 @@ def _as_batch(images: list[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(pixels).permute(0, 3, 1, 2)
 
 
-def _quiet_if_unet_only(lora_file: Path) -> contextlib.AbstractContextManager:
-    """diffusers warns that a text encoder got no LoRA keys; for adapters trained on the UNet alone that is expected."""
-    with safe_open(lora_file, "pt") as file:
-        text_encoder_keys = any(key.startswith("text_encoder") for key in file.keys())
-    return contextlib.nullcontext() if text_encoder_keys else drop_log_messages("diffusers.loaders.lora_base", "No LoRA keys associated to")
-
-
 class ControlNetGenerator:
     """A loaded ControlNet pipeline; `generate` makes one batch."""
 
@@ -188,8 +181,7 @@ class ControlNetGenerator:
         if section.use_lora:
             lora_file = step3_lora_file(step3_dir)
             self.models.lora_sha256 = sha256_of_files([lora_file])
-            with _quiet_if_unet_only(lora_file):
-                self.pipe.load_lora_weights(str(step3_dir), weight_name=LORA_WEIGHTS_FILE, adapter_name=LORA_ADAPTER)
+            load_lora(self.pipe, step3_dir, adapter_name=LORA_ADAPTER)
             self.pipe.set_adapters([LORA_ADAPTER], adapter_weights=[section.lora_scale])
         self._apply_gpu_options()
 

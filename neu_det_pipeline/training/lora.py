@@ -1,7 +1,9 @@
 """LoRA / DoRA fine-tuning of the Stable Diffusion UNet (and optionally the text encoders) with peft.
 
-Adapters are added with peft (`add_adapter(LoraConfig(..., use_dora=...))`) to the frozen base model,
-whose text encoders first receive the Step 1 class tokens. The images are the Step 0 training copies,
+Adapters are added with peft (`LoraConfig(..., use_dora=...)`) to the frozen base model, whose text encoders
+first receive the Step 1 class tokens. The text encoders get theirs from peft itself (`inject_adapter_in_model`),
+not through transformers' PEFT integration (`add_adapter` / `load_adapter`), whose version gate refuses peft
+releases older than the one it was written against (transformers 5.24 demands peft >= 0.22.0, which does not exist yet). The images are the Step 0 training copies,
 each with its Step 2 prompt. Only the adapter weights train, in fp32 even under mixed precision.
 
 The result is saved with the pipeline's `save_lora_weights` and the adapter configs as metadata,
@@ -9,7 +11,10 @@ so a LoRA trained with `alpha != rank` reloads with the right scale::
 
     pipe = StableDiffusionPipeline.from_pretrained(base)      # or StableDiffusionXLPipeline
     load_learned_embeddings(pipe, step1_dir)                   # Step 1 class tokens the prompts use
-    pipe.load_lora_weights(step3_dir)                          # pytorch_lora_weights.safetensors
+    load_lora(pipe, step3_dir)                                 # pytorch_lora_weights.safetensors
+
+`pipe.load_lora_weights(step3_dir)` reads the same file and gives the same result, but for a text-encoder LoRA
+it goes through transformers' `load_adapter` and so its peft version gate (see `neu_det_pipeline.compat`).
 """
 
 from __future__ import annotations
@@ -24,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.training_utils import cast_training_params
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
+from peft import LoraConfig, inject_adapter_in_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from neu_det_pipeline.artifacts import (
     CAPTIONS_FILE,
@@ -131,7 +136,7 @@ def add_lora_adapters(components: DiffusionComponents, section: LoraConfigSectio
             # layer never reaches the loss, so an adapter there would be dead weight and, without gradients,
             # would stop DDP ("Expected to have finished reduction") on several processes.
             extra = {"layers_to_transform": list(range(encoder.config.num_hidden_layers - 1)), "layers_pattern": "layers"}
-        encoder.add_adapter(lora_config(section, section.text_encoder_target_modules, **extra))
+        inject_adapter_in_model(lora_config(section, section.text_encoder_target_modules, **extra), encoder)
     # Frozen weights may be fp16/bf16 under mixed precision, but trained ones must be fp32: the grad scaler
     # refuses half-precision gradients ("Attempting to unscale FP16 gradients") and small updates would round away.
     cast_training_params(list(modules.values()), dtype=torch.float32)
@@ -205,6 +210,35 @@ def save_lora_weights(family: str, modules: dict[str, torch.nn.Module], out_dir:
         pipeline_class.save_lora_weights(tmp, **layers, **metadata, weight_name=LORA_WEIGHTS_FILE)
         os.replace(Path(tmp) / LORA_WEIGHTS_FILE, out_dir / LORA_WEIGHTS_FILE)
     return out_dir / LORA_WEIGHTS_FILE
+
+
+def load_lora(pipe: DiffusionPipeline, lora_dir: Path, adapter_name: str = "default") -> None:
+    """Load a Step 3 LoRA into `pipe` as `adapter_name`: what `pipe.load_lora_weights(lora_dir)` does.
+
+    The UNet part goes through diffusers (`load_lora_into_unet`, peft underneath); the text encoders' parts through
+    peft directly, with the adapter config saved as metadata, so that no transformers version gate applies.
+    """
+    state_dict, network_alphas, metadata = pipe.lora_state_dict(
+        str(lora_dir), weight_name=LORA_WEIGHTS_FILE, return_lora_metadata=True
+    )
+    pipe.load_lora_into_unet(
+        state_dict, network_alphas=network_alphas, unet=pipe.unet, adapter_name=adapter_name, metadata=metadata, _pipeline=pipe
+    )
+    for prefix in TEXT_ENCODER_NAMES:
+        layers = {key.removeprefix(f"{prefix}."): value for key, value in state_dict.items() if key.startswith(f"{prefix}.")}
+        if not layers:
+            continue
+        adapter_config = {key.removeprefix(f"{prefix}."): value for key, value in (metadata or {}).items() if key.startswith(f"{prefix}.")}
+        if not adapter_config:
+            raise PipelineError(f"{lora_dir / LORA_WEIGHTS_FILE}: no adapter config for {prefix} in the file's metadata; re-run step3_lora")
+        encoder = getattr(pipe, prefix)
+        inject_adapter_in_model(LoraConfig(**adapter_config), encoder, adapter_name=adapter_name)
+        result = set_peft_model_state_dict(encoder, layers, adapter_name=adapter_name)
+        if result.unexpected_keys:
+            raise PipelineError(
+                f"{lora_dir / LORA_WEIGHTS_FILE}: {len(result.unexpected_keys)} {prefix} weights match no adapter layer "
+                f"(e.g. {result.unexpected_keys[0]}); was it trained for another base model?"
+            )
 
 
 # ----------------------------------------------------------------------------------------- data
