@@ -126,7 +126,7 @@ class ControlNetIds(Section):
 class ModelsConfig(Section):
     pipeline: Literal["sd15", "sdxl"] = "sd15"
     """Base diffusion family used by steps 1-4."""
-    sd15: str = "runwayml/stable-diffusion-v1-5"
+    sd15: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     """Stable Diffusion 1.5 pipeline (hub id or local folder in hub layout)."""
     sdxl: str = "stabilityai/stable-diffusion-xl-base-1.0"
     """SDXL base pipeline (hub id or local folder)."""

@@ -214,7 +214,7 @@ def locate(need: ModelNeed, online: bool) -> None:
     if not online:
         need.problem = (
             f"{need.key}={need.model_id!r} is neither a local folder nor in the Hugging Face cache and the hub is not "
-            f"usable: download it on a machine with the hub (`huggingface-cli download {repo}`) or set {need.key} to a folder"
+            f"usable: download it on a machine with the hub (`hf download {repo}`) or set {need.key} to a folder"
         )
 
 
@@ -246,7 +246,7 @@ def diagnose(config: PipelineConfig | None) -> Report:
         if any(need.key == "models.dinov3" and need.where == "to download" for need in report.models):
             report.problems.append(
                 f"models.dinov3={config.models.dinov3!r} is a gated model: accept its licence on its hub page and "
-                "`huggingface-cli login` before the first download"
+                "`hf auth login` before the first download"
             )
         gpu_memory(config, gpus, report)
     return report

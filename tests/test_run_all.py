@@ -173,7 +173,7 @@ def test_doctor_offline(tiny_models_dir: Path, tmp_path: Path) -> None:
     base = neu_det("doctor", "--config", str(REPO / "configs" / "base.yaml"))
     problems = [line for line in base.stderr.splitlines() if line.startswith("problem:")]
     assert base.returncode == 1 and problems, base.stderr[-3000:]
-    assert any("models.sd15='runwayml/stable-diffusion-v1-5'" in line and "huggingface-cli download" in line for line in problems)
+    assert any("models.sd15='stable-diffusion-v1-5/stable-diffusion-v1-5'" in line and "hf download" in line for line in problems)
     assert any("models.dinov3" in line and "gated" in line for line in problems)
 
 
