@@ -32,15 +32,15 @@ BREAKS: tuple[KnownBreak, ...] = (
 )
 """Combinations under which the project itself cannot work."""
 
-LIMITS: tuple[KnownBreak, ...] = (
-    KnownBreak(
-        "transformers>=5.24",
-        "peft<0.22",
-        "transformers' PEFT integration (`model.add_adapter`, `load_adapter`, and so diffusers' `pipe.load_lora_weights` "
-        "for a text-encoder LoRA); the pipeline itself goes through peft directly (`training.lora.load_lora`)",
-        "use neu_det_pipeline.training.lora.load_lora, or install peft>=0.22 when it exists",
-    ),
+TRANSFORMERS_PEFT_GATE = KnownBreak(
+    "transformers>=5.24",
+    "peft<0.22",
+    "transformers' PEFT integration (`model.add_adapter`, `load_adapter`, and so diffusers' `pipe.load_lora_weights` "
+    "for a text-encoder LoRA); the pipeline itself goes through peft directly (`training.lora.load_lora`)",
+    "use neu_det_pipeline.training.lora.load_lora, or install peft>=0.22 when it exists",
 )
+
+LIMITS: tuple[KnownBreak, ...] = (TRANSFORMERS_PEFT_GATE,)
 """Combinations that disable a library feature the pipeline works around; reported, not fatal."""
 
 
@@ -58,7 +58,7 @@ def matching(entries: tuple[KnownBreak, ...], versions: dict[str, str | None] | 
         found = []
         for spec in (entry.first, entry.second):
             requirement = Requirement(spec)
-            version = (versions or {}).get(requirement.name) if versions is not None else installed_version(requirement.name)
+            version = versions.get(requirement.name) if versions is not None else installed_version(requirement.name)
             if version is None or not requirement.specifier.contains(version, prereleases=True):
                 break
             found.append(f"{requirement.name} {version}")
@@ -69,4 +69,4 @@ def matching(entries: tuple[KnownBreak, ...], versions: dict[str, str | None] | 
 
 def transformers_peft_integration_works() -> bool:
     """Whether transformers' `add_adapter` / `load_adapter` accept the installed peft."""
-    return not matching(LIMITS[:1])
+    return not matching((TRANSFORMERS_PEFT_GATE,))

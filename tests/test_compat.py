@@ -19,7 +19,7 @@ def test_a_matching_combination_is_one_line_naming_both_versions() -> None:
 
 
 def test_the_transformers_peft_gate_is_described_by_its_versions() -> None:
-    (gate,) = [entry for entry in compat.LIMITS if entry.first.startswith("transformers")]
+    gate = compat.TRANSFORMERS_PEFT_GATE
     blocked = {"transformers": "5.24.0", "peft": "0.21.2"}
     assert compat.matching((gate,), blocked)[0].startswith("transformers 5.24.0 with peft 0.21.2 breaks")
     assert compat.matching((gate,), {"transformers": "5.23.0", "peft": "0.21.2"}) == []

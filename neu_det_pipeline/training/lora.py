@@ -3,8 +3,9 @@
 Adapters are added with peft (`LoraConfig(..., use_dora=...)`) to the frozen base model, whose text encoders
 first receive the Step 1 class tokens. The text encoders get theirs from peft itself (`inject_adapter_in_model`),
 not through transformers' PEFT integration (`add_adapter` / `load_adapter`), whose version gate refuses peft
-releases older than the one it was written against (transformers 5.24 demands peft >= 0.22.0, which does not exist yet). The images are the Step 0 training copies,
-each with its Step 2 prompt. Only the adapter weights train, in fp32 even under mixed precision.
+releases older than the one it was written against (transformers 5.24 demands peft >= 0.22.0, not released yet).
+The images are the Step 0 training copies, each with its Step 2 prompt. Only the adapter weights train, in fp32
+even under mixed precision.
 
 The result is saved with the pipeline's `save_lora_weights` and the adapter configs as metadata,
 so a LoRA trained with `alpha != rank` reloads with the right scale::
@@ -224,11 +225,14 @@ def load_lora(pipe: DiffusionPipeline, lora_dir: Path, adapter_name: str = "defa
     pipe.load_lora_into_unet(
         state_dict, network_alphas=network_alphas, unet=pipe.unet, adapter_name=adapter_name, metadata=metadata, _pipeline=pipe
     )
+    def under(prefix: str, entries: dict[str, Any]) -> dict[str, Any]:
+        return {key.removeprefix(f"{prefix}."): value for key, value in entries.items() if key.startswith(f"{prefix}.")}
+
     for prefix in TEXT_ENCODER_NAMES:
-        layers = {key.removeprefix(f"{prefix}."): value for key, value in state_dict.items() if key.startswith(f"{prefix}.")}
+        layers = under(prefix, state_dict)
         if not layers:
             continue
-        adapter_config = {key.removeprefix(f"{prefix}."): value for key, value in (metadata or {}).items() if key.startswith(f"{prefix}.")}
+        adapter_config = under(prefix, metadata or {})
         if not adapter_config:
             raise PipelineError(f"{lora_dir / LORA_WEIGHTS_FILE}: no adapter config for {prefix} in the file's metadata; re-run step3_lora")
         encoder = getattr(pipe, prefix)
