@@ -155,8 +155,9 @@ class ModelsConfig(Section):
     """OpenCLIP model for ranking ensembles (`hf-hub:org/repo` or `local-dir:path`)."""
     blip2: str = "Salesforce/blip2-opt-2.7b"
     """BLIP-2 captioning model."""
-    dinov3: str = "facebook/dinov3-vits16-pretrain-lvd1689m"
-    """DINOv3 backbone of the downstream multitask classifier."""
+    dinov3: str = "timm/vit_small_patch16_dinov3.lvd1689m"
+    """DINOv3 ViT-S/16 (Step 6 backbone, Step 5 `dinov3` features): timm weights (DINOv3 licence, not gated), or the
+    transformers repo `facebook/dinov3-vits16-pretrain-lvd1689m` (gated: approval by hand); hub id or local folder."""
     depth: str = "depth-anything/Depth-Anything-V2-Small-hf"
     """Depth estimator for depth control maps."""
     annotators: str = "lllyasviel/Annotators"
@@ -596,7 +597,7 @@ class ClassifierConfig(Section):
     """How to get there, not where: changing these neither changes the result nor wipes `last.pt`."""
 
     backbone: str = "dinov3"
-    """`dinov3`: the transformers DINOv3 ViT at `models.dinov3`; `timm:<name>`: a timm model, e.g.
+    """`dinov3`: the DINOv3 ViT at `models.dinov3` (timm or transformers weights); `timm:<name>`: a timm model, e.g.
     `timm:vit_small_patch16_dinov3.lvd1689m`, `timm:convnext_tiny.dinov3_lvd1689m`, `timm:resnet18` (CNNs give feature maps)."""
     pretrained: bool = True
     """Start from the backbone's pretrained weights; false: same architecture, random weights (from-scratch training)."""

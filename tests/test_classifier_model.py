@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import SMOKE_CONFIG
+from safetensors.torch import load_file
 
-from neu_det_pipeline.classifier.backbones import FeatureMapBackbone, TokenGridBackbone, create_backbone
+from neu_det_pipeline.classifier.backbones import FeatureMapBackbone, TokenGridBackbone, backbone_from_spec, create_backbone
 from neu_det_pipeline.classifier.losses import (
     DYNAMIC_EARLY,
     DYNAMIC_LATE,
@@ -134,6 +135,28 @@ def test_transformers_dinov3_grid_is_the_patch_tokens_after_cls_and_registers(ti
     # Random init keeps the architecture and changes the weights.
     random_backbone, _ = create_backbone("dinov3", str(tiny_models_dir / "dinov3"), False, {}, 64)
     assert not torch.equal(random_backbone.model.embeddings.patch_embeddings.weight, backbone.model.embeddings.patch_embeddings.weight)
+
+
+def test_timm_dinov3_weights_behind_models_dinov3(tiny_models_dir: Path) -> None:
+    folder = tiny_models_dir / "dinov3-timm"
+    backbone, spec = create_backbone("dinov3", str(folder), True, {}, 64)
+    assert isinstance(backbone, TokenGridBackbone) and spec["source"] == "timm" and spec["name"] == "vit_small_patch16_dinov3"
+    assert backbone.prefix_tokens == 5 and backbone.patch_size == 16  # CLS + 4 registers, like the transformers form
+    saved = load_file(folder / "model.safetensors")
+    assert all(torch.equal(backbone.model.state_dict()[name], tensor) for name, tensor in saved.items())
+    pixels = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    grid, cls = backbone(pixels)
+    tokens = backbone.model.forward_features(pixels)
+    assert grid.shape == (2, 32, 4, 6)
+    torch.testing.assert_close(grid[:, :, 1, 2], tokens[:, 5 + 1 * 6 + 2])
+    torch.testing.assert_close(cls, tokens[:, 0])
+    # The spec rebuilds the architecture without the folder; the trained weights then fit it exactly.
+    rebuilt = backbone_from_spec(spec, 64)
+    rebuilt.load_state_dict(backbone.state_dict())
+    torch.testing.assert_close(rebuilt(pixels)[1], cls)
+    random_backbone, random_spec = create_backbone("dinov3", str(folder), False, {}, 64)
+    assert random_spec == spec
+    assert not torch.equal(random_backbone.model.patch_embed.proj.weight, backbone.model.patch_embed.proj.weight)
 
 
 def test_timm_vit_and_cnn_backbones() -> None:
