@@ -35,7 +35,7 @@ LEARN = ("classifier.loss_weighting=fixed", "classifier.freeze_epochs=0", "class
          "classifier.augmentation={hflip: false, vflip: false, rot90: false, max_rotation: 0, max_translate: 0, max_scale: 0, brightness: 0, contrast: 0}")
 BACKBONES = {
     "dinov3-timm": (),  # the default form of models.dinov3 (smoke overrides: the tiny timm folder)
-    "dinov3-transformers": ("models.dinov3={tiny_models_dir}/dinov3",),
+    "dinov3-transformers": ("models.dinov3=TINY_MODELS_DIR/dinov3",),
     "timm-cnn": ("classifier.backbone=timm:test_resnet", "classifier.pretrained=false", "classifier.backbone_kwargs={output_stride: 16}"),
 }
 
@@ -110,7 +110,7 @@ def test_trains_evaluates_and_is_up_to_date_on_rerun(trained: Path, tiny_models_
 
 @pytest.mark.parametrize("backbone", list(BACKBONES))
 def test_loss_falls_on_real_images(step6_config, tiny_models_dir: Path, backbone: str) -> None:
-    config = step6_config(*LEARN, *(override.format(tiny_models_dir=tiny_models_dir) for override in BACKBONES[backbone]))
+    config = step6_config(*LEARN, *(override.replace("TINY_MODELS_DIR", str(tiny_models_dir)) for override in BACKBONES[backbone]))
     out_dir = Path(config.run.output_dir) / STEP.name
     out_dir.mkdir()
     data = load_data(config, Path(config.run.output_dir) / STEP0, None)
