@@ -183,3 +183,24 @@ def test_backbone_errors_are_one_line() -> None:
         load_config(SMOKE_CONFIG, ["classifier.backbone=resnet18"])
     with pytest.raises(ConfigError, match=r"synthetic_only=true needs classifier.synthetic"):
         load_config(SMOKE_CONFIG, ["classifier.synthetic_only=true"])
+
+
+def test_timm_dinov3_hub_id_loads_through_timm_from_the_cache(tiny_models_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import shutil
+
+    import huggingface_hub
+
+    from neu_det_pipeline.dinov3 import load_dinov3, timm_model_name
+
+    # The hub cache layout of timm/vit_small_patch16_dinov3.lvd1689m, holding the tiny timm checkpoint (offline).
+    repo = tmp_path / "models--timm--vit_small_patch16_dinov3.lvd1689m"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(tiny_models_dir / "dinov3-timm", repo / "snapshots" / ("0" * 40))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    hub_id = "timm/vit_small_patch16_dinov3.lvd1689m"
+    assert timm_model_name(hub_id) == f"hf-hub:{hub_id}"
+    assert timm_model_name(str(tiny_models_dir / "dinov3")) is None  # transformers' config.json: `architectures`
+    model = load_dinov3(hub_id)
+    saved = load_file(tiny_models_dir / "dinov3-timm" / "model.safetensors")
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in saved.items())

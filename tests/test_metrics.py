@@ -77,9 +77,10 @@ def test_dinov3_features_are_the_cls_token_of_either_weights_form(sample: ImageF
     config = model.pretrained_cfg
     side = config["input_size"][-1]
     resized = np.stack([np.asarray(Image.fromarray(p).convert("RGB").resize((side, side), Image.Resampling.BICUBIC)) for p in pixels])
-    normalised = (torch.from_numpy(resized).permute(0, 3, 1, 2) / 255 - torch.tensor(config["mean"]).view(1, 3, 1, 1)) / torch.tensor(config["std"]).view(1, 3, 1, 1)
+    mean, std = (torch.tensor(config[key]).view(1, 3, 1, 1) for key in ("mean", "std"))
+    normalised = ((torch.from_numpy(resized).permute(0, 3, 1, 2) / 255 - mean) / std).float()
     with torch.no_grad():
-        torch.testing.assert_close(features, model.forward_features(normalised.float())[:, 0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(features, model.forward_features(normalised)[:, 0], atol=1e-4, rtol=1e-4)
 
     # transformers form: its image processor, the pooled (CLS) output.
     folder = tiny_models_dir / "dinov3"
