@@ -85,7 +85,7 @@ class ModelNeed:
     probe: str | None
     """A file the model's hub repo holds, to look up in the cache (None: not a hub model)."""
     fetched_by: str | None = None
-    """For models that are not on the hub: what downloads them on first use."""
+    """For models that are not on the hub: what downloads them on first use (None with no probe: a file the config names)."""
     where: str = ""
     problem: str | None = None
 
@@ -204,8 +204,10 @@ def model_needs(config: PipelineConfig) -> list[ModelNeed]:
     if "dinov3" in evaluation.features:
         need("models.dinov3", models.dinov3, "step5_evaluate", "config.json")
     if "inception" in evaluation.features:
-        weights = str(evaluation.inception_weights) if evaluation.inception_weights else "FID Inception (pt_inception-2015-12-05)"
-        need("evaluation.inception_weights", weights, "step5_evaluate", None, "torch-fidelity (from GitHub)")
+        if evaluation.inception_weights is not None:
+            need("evaluation.inception_weights", str(evaluation.inception_weights), "step5_evaluate", None)
+        else:
+            need("evaluation.inception_weights", "FID Inception (pt_inception-2015-12-05)", "step5_evaluate", None, "torch-fidelity (from GitHub)")
     if evaluation.lpips_pretrained_backbone:
         need("evaluation.lpips_net", f"{evaluation.lpips_net} ImageNet weights", "step5_evaluate", None, "torchvision")
     if evaluation.utility.enabled:
@@ -220,6 +222,13 @@ def locate(need: ModelNeed, downloads: bool) -> None:
     """Where the model comes from, and a problem line when it cannot be had."""
     from huggingface_hub import try_to_load_from_cache
 
+    from neu_det_pipeline.hub_check import EXTERNAL_WEIGHTS, RETIRED_REPOS
+
+    if need.probe is None and need.fetched_by is None:  # a file the config names
+        need.where = "local file"
+        if not Path(need.model_id).is_file():
+            need.problem = f"{need.key}={need.model_id!r} is not a file: download {EXTERNAL_WEIGHTS['inception']} and point {need.key} at it"
+        return
     repo = need.model_id.removeprefix("hf-hub:")
     folder = local_folder(need.model_id)
     if folder is not None:
@@ -240,8 +249,6 @@ def locate(need: ModelNeed, downloads: bool) -> None:
         need.where = "Hugging Face cache"
         return
     need.where = "to download"
-    from neu_det_pipeline.hub_check import RETIRED_REPOS
-
     if repo in RETIRED_REPOS:
         need.problem = f"{need.key}={need.model_id!r} was deleted from the hub: set {need.key}={RETIRED_REPOS[repo]}"
     elif not downloads:
@@ -362,6 +369,7 @@ def diagnose(config: PipelineConfig | None, online: bool = False) -> Report:
             gpu_memory(config, gpus, report)
         except RuntimeError as exc:  # timm: unknown model name
             report.problems.append(f"classifier.backbone={config.classifier.backbone!r}: {exc}; pick a name from `timm.list_models()`")
+        report.problems = list(dict.fromkeys(report.problems))  # a retired id is named offline and online alike
     return report
 
 

@@ -266,18 +266,12 @@ class HubChecker:
         def cached(url: str) -> bool:
             return (checkpoints / posixpath.basename(url)).is_file()
 
-        if "inception" in evaluation.features:
-            if evaluation.inception_weights is not None:
-                if not Path(evaluation.inception_weights).is_file():
-                    self.findings.problems.append(
-                        f"evaluation.inception_weights={str(evaluation.inception_weights)!r} is not a file: download "
-                        f"{EXTERNAL_WEIGHTS['inception']} and point the key at it"
-                    )
-            elif not cached(EXTERNAL_WEIGHTS["inception"]):
-                self.reachable(
-                    "FID Inception weights (torch-fidelity)", EXTERNAL_WEIGHTS["inception"],
-                    "download the file where it is reachable and set evaluation.inception_weights=FILE",
-                )
+        # A configured evaluation.inception_weights file is checked offline (doctor.locate).
+        if "inception" in evaluation.features and evaluation.inception_weights is None and not cached(EXTERNAL_WEIGHTS["inception"]):
+            self.reachable(
+                "FID Inception weights (torch-fidelity)", EXTERNAL_WEIGHTS["inception"],
+                "download the file where it is reachable and set evaluation.inception_weights=FILE",
+            )
         if evaluation.lpips_pretrained_backbone:
             url = EXTERNAL_WEIGHTS[evaluation.lpips_net]
             if not cached(url):
