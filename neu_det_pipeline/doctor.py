@@ -55,7 +55,7 @@ ACTIVATION_GIB = {
     # from peaks commonly reported for diffusers' training scripts; scaled by batch x (resolution / base)^2.
     "train": {"sd15": 2.5, "sdxl": 10.0},          # backward through the UNet (Steps 1 and 3)
     "unet_inference": {"sd15": 0.15, "sdxl": 0.6},  # one UNet pass per image and CFG branch (Step 4)
-    "vae_decode": {"sd15": 1.2, "sdxl": 4.8},       # the VAE decoder's full-resolution feature maps (Step 4)
+    "vae_decode": {"sd15": 0.75, "sdxl": 3.0},      # the VAE decoder's full-resolution feature maps (Step 4)
 }
 GRADIENT_CHECKPOINTING_FACTOR = 0.3
 """Share of the training activations kept with gradient checkpointing (the rest is recomputed)."""

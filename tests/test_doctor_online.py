@@ -196,9 +196,13 @@ def test_healthy_hub_gives_no_problem_and_exit_0(hub: StandInHub, capsys: pytest
     assert fetched_gb == pytest.approx((GB + 2 * GB // 8 + others) / GB, abs=0.01)
 
 
-def test_plain_doctor_asks_nobody(hub: StandInHub) -> None:
-    report = diagnose(base_config())
-    assert hub.requests == 0 and any("not asked" in value for _, value in report.machine)
+def test_plain_doctor_asks_nobody_and_names_only_gated_repos(hub: StandInHub) -> None:
+    timm = diagnose(base_config())
+    assert hub.requests == 0 and any("not asked" in value for _, value in timm.machine)
+    assert not [line for line in timm.problems if "gated" in line], timm.problems
+    facebook = diagnose(base_config(f"models.dinov3={TRANSFORMERS_DINOV3}"))
+    assert [line for line in facebook.problems if line.startswith(f"models.dinov3='{TRANSFORMERS_DINOV3}' is a gated model")]
+    assert hub.requests == 0
 
 
 def deleted_base(repos: dict) -> None:
