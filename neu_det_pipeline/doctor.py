@@ -300,6 +300,8 @@ def memory_estimates(config: PipelineConfig) -> dict[str, float]:
 
     generation = config.generation
     models = [unet, vae, text] + [PARAMETERS_M[f"{family}_controlnet"]] * len(config.controlnet_ids())
+    if any(generation.detectors[control] == "depth_anything" for control in generation.controls):
+        models.append(PARAMETERS_M["depth"])
     weights = _gib(max(models) if generation.cpu_offload else sum(models), half)  # offload: one model on the GPU at a time
     decoded_at_once = 1 if generation.vae_slicing else generation.batch_size
     step4 = weights + (generation.resolution / base) ** 2 * (

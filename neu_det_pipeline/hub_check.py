@@ -99,19 +99,27 @@ class HubChecker:
 
     def repo_files(self, key: str, repo: str) -> dict[str, int] | None:
         """{file: size} of a repo the token can read; None (and a problem line) when it cannot be had."""
-        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+        from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
         problems = self.findings.problems
         shown = f"{key}={repo!r}"
+        no_access = (
+            f"{shown} is gated and your token has no access: accept its licence at {self.endpoint}/{repo} "
+            "(logged in), then `hf auth login` with a token of that account (or set HF_TOKEN)"
+        )
         try:
             info = self.api.model_info(repo, files_metadata=True, timeout=TIMEOUT_S)
             if info.gated:
-                self.api.auth_check(repo)
+                try:
+                    self.api.auth_check(repo)
+                except HfHubHTTPError as exc:
+                    # Without a token the hub answers 401, which huggingface_hub reports as RepositoryNotFoundError.
+                    if isinstance(exc, (GatedRepoError, RepositoryNotFoundError)) or exc.response.status_code in (401, 403):
+                        problems.append(no_access)
+                        return None
+                    raise
         except GatedRepoError:
-            problems.append(
-                f"{shown} is gated and your token has no access: accept its licence at {self.endpoint}/{repo} "
-                "(logged in), then `hf auth login` with a token of that account (or set HF_TOKEN)"
-            )
+            problems.append(no_access)
             return None
         except RepositoryNotFoundError:
             if repo in RETIRED_REPOS:
@@ -167,7 +175,7 @@ class HubChecker:
         elif weights[0].endswith(".bin"):
             self.findings.warnings.append(
                 f"{key}={repo!r} ships only a pickled .bin (no safetensors): it loads, but prefer a safetensors "
-                "ControlNet, or convert it once and point {key} at the folder".replace("{key}", key)
+                f"ControlNet, or convert it once and point {key} at the folder"
             )
         self.fetch(repo, files, ["config.json", *weights])
         config = self.read_json(repo, "config.json")

@@ -33,7 +33,8 @@ class StandInHub:
 
     def __init__(self) -> None:
         self.repos: dict[str, dict] = {}
-        """repo -> {"files": {path: bytes (served) or int (size only)}, "gated": bool, "access": bool}"""
+        """repo -> {"files": {path: bytes (served) or int (size only)}, "gated": bool, "access": bool,
+        "refusal": 403 (GatedRepo, a token without access) or 401 (no token: the hub's answer reads as RepoNotFound)}"""
         self.weights: set[str] = set()
         self.requests = 0
         hub = self
@@ -84,7 +85,7 @@ class StandInHub:
             info = {"id": repo_id, "sha": COMMIT, "gated": "manual" if repo.get("gated") else False, "siblings": siblings}
             return send(200, json.dumps(info).encode())
         if locked:
-            return send(403, error="GatedRepo")
+            return send(repo.get("refusal", 403), error="RepoNotFound" if repo.get("refusal") == 401 else "GatedRepo")
         if api:
             return send(200, b"{}")
         data = repo["files"].get(filename)
@@ -213,6 +214,10 @@ def gated_dinov3(repos: dict) -> None:
     repos[TRANSFORMERS_DINOV3] = {**config_repo({"model_type": "dinov3_vit"}), "gated": True, "access": False}
 
 
+def gated_dinov3_without_token(repos: dict) -> None:
+    repos[TRANSFORMERS_DINOV3] = {**config_repo({"model_type": "dinov3_vit"}), "gated": True, "access": False, "refusal": 401}
+
+
 def mismatched_controlnet(repos: dict) -> None:
     repos["lllyasviel/control_v11p_sd15_softedge"] = config_repo({"cross_attention_dim": 1024}, "diffusion_pytorch_model.safetensors")
 
@@ -251,6 +256,7 @@ def open_clip_without_config(repos: dict) -> None:
         ([], deleted_base, "does not exist on"),
         ([f"models.dinov3={TRANSFORMERS_DINOV3}"], gated_dinov3,
          f"is gated and your token has no access: accept its licence at {{url}}/{TRANSFORMERS_DINOV3}"),
+        ([f"models.dinov3={TRANSFORMERS_DINOV3}"], gated_dinov3_without_token, "is gated and your token has no access"),
         ([], mismatched_controlnet, "has cross_attention_dim 1024, the UNet of models.sd15 has 768"),
         (SDXL_UNION, union_without_softedge, "generation.controls needs softedge (mode 2)"),
         ([], no_vae_folder, "model_index.json names the component 'vae' but the repo has no vae/ folder"),
@@ -259,7 +265,7 @@ def open_clip_without_config(repos: dict) -> None:
         ([], annotators_without_hed, "lacks ControlNetHED.pth"),
         ([], open_clip_without_config, "has no open_clip_config.json"),
     ],
-    ids=["retired", "deleted", "gated", "cross-attention", "union-mode", "component", "blip2", "dinov3-type", "annotator", "open-clip"],
+    ids=["retired", "deleted", "gated", "gated-no-token", "cross-attention", "union-mode", "component", "blip2", "dinov3-type", "annotator", "open-clip"],
 )
 def test_each_fault_gives_its_line(hub: StandInHub, overrides: list[str], edit, expected: str) -> None:
     report = online(hub, base_config(*overrides), edit)
