@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
 import shutil
 import urllib.error
 import urllib.request
@@ -46,7 +47,9 @@ EXTERNAL_WEIGHTS = {
 
 PIPELINE_COMPONENTS_NOT_LOADED = {"safety_checker"}
 """model_index.json components the project passes as None, so diffusers never fetches them."""
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
+WEIGHT_FILE = re.compile(r"(?:diffusion_pytorch_model|model|pytorch_model)(?:\.(?P<variant>\w+))?(?:-\d{5}-of-\d{5})?\.(?P<format>safetensors|bin)")
+"""The weight file names diffusers and transformers load, whole or sharded, plain or of a variant (`.fp16`,
+`.non_ema`); other files (`v1-5-pruned.safetensors`, `..._promax.safetensors`) are not fetched."""
 SMALL_FILE_SUFFIXES = (".json", ".txt", ".model")
 """Configs, tokenizer vocabularies and merges: fetched with the weights of their folder."""
 
@@ -70,11 +73,14 @@ def endpoint() -> str:
 def _weight_files(files: dict[str, int], folder: str, variant: str | None) -> list[str]:
     """The weight files a diffusers/transformers loader takes from `folder`: safetensors before pickled .bin,
     the `variant` files where the repo has them (as `models.weights_variant` picks), else the plain ones."""
-    for suffix in WEIGHT_SUFFIXES:
-        candidates = [name for name in files if posixpath.dirname(name) == folder and name.endswith(suffix)]
-        stem_parts = {name: posixpath.basename(name).split(".") for name in candidates}
-        chosen = [name for name, parts in stem_parts.items() if variant and len(parts) == 3 and parts[1] == variant]
-        chosen = chosen or [name for name, parts in stem_parts.items() if len(parts) == 2]
+    matches = {
+        name: match for name in files
+        if posixpath.dirname(name) == folder and (match := WEIGHT_FILE.fullmatch(posixpath.basename(name)))
+    }
+    for weight_format in ("safetensors", "bin"):
+        of_format = {name: match["variant"] for name, match in matches.items() if match["format"] == weight_format}
+        chosen = [name for name, found in of_format.items() if variant and found == variant]
+        chosen = chosen or [name for name, found in of_format.items() if found is None]
         if chosen:
             return sorted(chosen)
     return []

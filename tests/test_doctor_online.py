@@ -312,3 +312,20 @@ def test_offline_mode_says_so_and_the_cli_exits_1(hub: StandInHub, monkeypatch: 
     code = main(["doctor", "--config", str(REPO / "configs" / "base.yaml"), "--online", *OVERRIDES])
     text = capsys.readouterr().err.replace("\n", "")
     assert code == 1 and "HF_HUB_OFFLINE=1 is set: the online checks need the hub" in text and hub.requests == 0
+
+
+def test_weight_files_are_those_the_loaders_take() -> None:
+    # File names as in stable-diffusion-v1-5's unet/, xinsir's union ControlNet and BLIP-2's sharded checkpoint.
+    unet = {f"unet/{name}": 1 for name in (
+        "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.non_ema.safetensors",
+        "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin", "config.json",
+    )}
+    assert hub_check._weight_files(unet, "unet", "fp16") == ["unet/diffusion_pytorch_model.fp16.safetensors"]
+    assert hub_check._weight_files(unet, "unet", None) == ["unet/diffusion_pytorch_model.safetensors"]
+    union = {"diffusion_pytorch_model.safetensors": 1, "diffusion_pytorch_model_promax.safetensors": 1, "v1-5-pruned.safetensors": 1}
+    assert hub_check._weight_files(union, "", "fp16") == ["diffusion_pytorch_model.safetensors"]
+    shards = {"model-00001-of-00002.safetensors": 1, "model-00002-of-00002.safetensors": 1, "pytorch_model-00001-of-00002.bin": 1,
+              "model.fp16-00001-of-00001.safetensors": 1}
+    assert hub_check._weight_files(shards, "", None) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert hub_check._weight_files(shards, "", "fp16") == ["model.fp16-00001-of-00001.safetensors"]
+    assert hub_check._weight_files({"diffusion_pytorch_model.bin": 1}, "", "fp16") == ["diffusion_pytorch_model.bin"]
