@@ -100,6 +100,7 @@ class HubChecker:
         self.findings = HubFindings()
         self.variant = "fp16" if config.run.mixed_precision in ("fp16", "bf16") else None
         self.unet_cross_attention: int | None = None
+        self.unreachable = False
 
     # ------------------------------------------------------------------------------ repo level
 
@@ -137,7 +138,12 @@ class HubChecker:
                 )
             return None
         except Exception as exc:  # noqa: BLE001 - network, server or timeout: the same advice for each
-            problems.append(f"{shown}: could not ask {self.endpoint} ({type(exc).__name__}: {str(exc)[:120]}): check the network and HF_ENDPOINT")
+            # No HTTP answer at all: asking about the other models would only repeat this line.
+            self.unreachable = not isinstance(exc, HfHubHTTPError)
+            rest = "; the remaining models were not checked" if self.unreachable else ""
+            problems.append(
+                f"{shown}: could not ask {self.endpoint} ({type(exc).__name__}: {str(exc)[:120]}): check the network and HF_ENDPOINT{rest}"
+            )
             return None
         return {sibling.rfilename: sibling.size or 0 for sibling in info.siblings or []}
 
@@ -343,6 +349,8 @@ def check_online(config: PipelineConfig, needs: list) -> HubFindings:
     for need in hub_needs:
         repo = need.model_id.removeprefix("hf-hub:")
         files = checker.repo_files(need.key, repo)
+        if checker.unreachable:
+            break
         if files is None:
             continue
         check = checks.get(need.key) or (checker.check_controlnet if need.key.startswith("models.controlnet_") else checker.check_transformers)

@@ -305,6 +305,17 @@ def test_download_larger_than_the_free_space(hub: StandInHub, monkeypatch: pytes
     assert len(report.problems) == 1 and "GB free: free space or point HF_HUB_CACHE" in report.problems[0]
 
 
+def test_an_unreachable_hub_is_one_line(hub: StandInHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    with socket.socket() as closed:  # a port nobody listens on once closed
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    report = online(hub, base_config())
+    assert len(report.problems) == 1 and "the remaining models were not checked" in report.problems[0], report.problems
+
+
 def test_offline_mode_says_so_and_the_cli_exits_1(hub: StandInHub, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     from huggingface_hub import constants
 
