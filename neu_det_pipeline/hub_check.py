@@ -98,6 +98,7 @@ class HubChecker:
         self.endpoint = endpoint()
         self.api = HfApi(endpoint=self.endpoint)
         self.findings = HubFindings()
+        # The loaders take the fp16 files in half precision where a repo has them (models.weights_variant).
         self.variant = "fp16" if config.run.mixed_precision in ("fp16", "bf16") else None
         self.unet_cross_attention: int | None = None
         self.unreachable = False
