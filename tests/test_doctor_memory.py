@@ -9,6 +9,8 @@ from neu_det_pipeline.doctor import Report, gpu_memory, memory_estimates
 
 BASE = REPO / "configs" / "base.yaml"
 DIFFUSION_STEPS = ("step1_textual_inversion", "step3_lora", "step4_generate")
+# SDXL has no default soft-edge ControlNet: the union ControlNet serves every control.
+SDXL = ("models.pipeline=sdxl", "generation.union_controlnet=true")
 
 
 def estimates(*overrides: str) -> dict[str, float]:
@@ -28,7 +30,7 @@ def test_doubling_the_resolution_raises_the_diffusion_steps_only() -> None:
 
 
 def test_sdxl_at_1024_needs_more_than_at_512_and_more_than_sd15() -> None:
-    sdxl_512, sdxl_1024 = estimates("models.pipeline=sdxl", *resolution(512)), estimates("models.pipeline=sdxl", *resolution(1024))
+    sdxl_512, sdxl_1024 = estimates(*SDXL, *resolution(512)), estimates(*SDXL, *resolution(1024))
     sd15_512 = estimates(*resolution(512))
     for step in DIFFUSION_STEPS:
         assert sd15_512[step] < sdxl_512[step] < sdxl_1024[step], step
@@ -44,7 +46,7 @@ def test_batch_precision_and_checkpointing_move_the_figures() -> None:
 
 
 def test_too_large_for_the_gpu_is_a_problem_with_its_fix() -> None:
-    config = load_config(BASE, ["models.pipeline=sdxl", *resolution(1024)])
+    config = load_config(BASE, [*SDXL, *resolution(1024)])
     report = Report()
     gpu_memory(config, [8.0], report)
     rows = dict((step, (needs, fits)) for step, needs, fits in report.memory)
