@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,11 +11,13 @@ import torch
 from neu_det_pipeline.config import LoraConfigSection, TextualInversionConfig
 from neu_det_pipeline.errors import PipelineError
 from neu_det_pipeline.training.data import SeededOrderSampler
+from neu_det_pipeline.training.diffusion import denoising_loss, encode_prompts, load_components
 from neu_det_pipeline.training.loop import (
     Checkpoints,
     make_lr_scheduler,
     training_config_keys,
 )
+from neu_det_pipeline.training.reporting import save_validation_grid
 
 
 def _optimizer() -> torch.optim.Optimizer:
@@ -81,3 +84,26 @@ def test_fingerprint_keys_leave_out_resume_and_checkpoint_cadence() -> None:
         assert f"{section}.resume" not in keys and f"{section}.checkpointing_steps" not in keys
         assert f"{section}.learning_rate" in keys and "models.sd15" in keys
         assert len([k for k in keys if k.startswith(section)]) == len(section_type.model_fields) - 3
+
+
+def test_the_vae_runs_outside_autocast_in_its_own_dtype(make_config, tmp_path: Path) -> None:
+    """Training's latents and validation's images under the half-precision autocast a GPU run uses: the SDXL VAE,
+    kept in fp32 because it overflows in fp16, must really compute in fp32 (bf16 here: CPU autocast's dtype)."""
+    config = make_config("models.pipeline=sdxl")
+    components = load_components(config)
+    components.place(torch.device("cpu"), torch.bfloat16)
+    assert components.vae.dtype == torch.float32
+    seen: list[tuple[str, torch.dtype, torch.dtype]] = []
+    for name, conv in (("encode", components.vae.encoder.conv_in), ("decode", components.vae.decoder.conv_out)):
+        conv.register_forward_hook(lambda module, args, output, name=name: seen.append((name, args[0].dtype, output.dtype)))
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731  (what accelerate's autocast enters)
+
+    with torch.no_grad(), autocast():
+        hidden, added = encode_prompts(components, ["a photo of scratches"], 32, torch.device("cpu"))
+        loss = denoising_loss(components, torch.rand(1, 3, 32, 32) * 2 - 1, hidden, added)
+    assert torch.isfinite(loss)
+    save_validation_grid(
+        components, SimpleNamespace(autocast=autocast), ["a photo of scratches"], config.textual_inversion, 0, tmp_path, 1
+    )
+    assert {name for name, _, _ in seen} == {"encode", "decode"}
+    assert all(inputs == outputs == torch.float32 for _, inputs, outputs in seen), seen
