@@ -64,6 +64,18 @@ class DiffusionComponents:
             # Passing a dtype makes diffusers warn about fp32 modules even when nothing is cast.
             module.to(device) if module.dtype == module_dtype else module.to(device, module_dtype)
 
+    def enable_gradient_checkpointing(self, text_encoders: bool) -> None:
+        """Recompute activations in the backward pass: in the UNet, and in the text encoders when gradients go
+        through them (textual inversion, text-encoder LoRA). Non-reentrant checkpointing, which also carries
+        gradients to inputs when every weight of the checkpointed block is frozen (textual inversion's UNet)."""
+        self.unet.enable_gradient_checkpointing()
+        for encoder in self.text_encoders if text_encoders else []:
+            # transformers 5.24 renamed `gradient_checkpointing_enable` (deprecated, removed in v6).
+            if hasattr(encoder, "activation_checkpointing_enable"):
+                encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
     def freeze(self) -> None:
         """Freeze every weight; each step then unfreezes exactly what it trains."""
         for module in (self.vae, self.unet, *self.text_encoders):

@@ -207,6 +207,8 @@ class TextualInversion:
             add_placeholder_tokens(tokenizer, encoder, self.tokens, words)
             for tokenizer, encoder in zip(self.components.tokenizers, self.components.text_encoders)
         ]
+        if section.gradient_checkpointing:
+            self.components.enable_gradient_checkpointing(text_encoders=True)
         self.settings = TrainingSettings.from_section(section)
         dataset = DefectImageDataset(
             step0_dir, train_rows(step0_dir), section.resolution, template_prompts(section.templates, self.tokens),
