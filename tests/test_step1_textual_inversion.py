@@ -347,3 +347,69 @@ def test_pooled_text_embeddings_read_eos_with_the_hubs_encoder_configs(tiny_mode
     pooled = pipe.encode_prompt(prompts, device=torch.device("cpu"), do_classifier_free_guidance=False)[2]
     torch.testing.assert_close(pooled, _pooled_at_eos(pipe.text_encoder_2, pipe.tokenizer_2, prompts), rtol=0, atol=1e-6)
     torch.testing.assert_close(pooled, expected, rtol=0, atol=1e-6)  # same weights and tokens as training
+
+
+def _count_grad_mode_calls(module: torch.nn.Module, counts: dict[str, int], name: str) -> None:
+    """Count the forward calls of `module` made with gradients on (training forwards and checkpoint recomputes;
+    validation renders without gradients)."""
+    counts[name] = 0
+
+    def hook(*_: object) -> None:
+        counts[name] += torch.is_grad_enabled()
+
+    module.register_forward_hook(hook)
+
+
+def test_gradient_checkpointing_and_loader_workers_leave_the_result_unchanged(
+    sd15_run, tiny_models_dir: Path, step0_sample_dir: Path, tmp_path: Path
+) -> None:
+    # The fixture's run, with both options on. Checkpointing recomputes the same operations on the same inputs,
+    # and the workers load the same seeded samples, so the CPU result is bit for bit the same, not just close.
+    out = with_step0(step0_sample_dir, tmp_path)
+    config = config_for(
+        tiny_models_dir, out, "textual_inversion.learning_rate=0.05", "textual_inversion.gradient_checkpointing=true",
+        "textual_inversion.num_workers=2",
+    )
+    training = TextualInversion(config, out / "step0_prepare", out / STEP.name)
+    unet, encoder = training.components.unet, training.components.text_encoders[0]
+    assert unet.is_gradient_checkpointing and all(layer.gradient_checkpointing for layer in encoder.encoder.layers)
+    assert training.dataloader.num_workers == 2
+    counts: dict[str, int] = {}
+    # Modules inside checkpointed blocks on the gradient's path (the UNet's blocks after its first cross-attention;
+    # transformers checkpoints a layer's `forward`, so the layer's own hooks run once, its submodules' twice).
+    _count_grad_mode_calls(unet.up_blocks[-1].resnets[0].conv1, counts, "unet")
+    _count_grad_mode_calls(encoder.encoder.layers[0].mlp.fc1, counts, "text_encoder")
+    result = training.run()
+
+    steps = config.textual_inversion.max_train_steps
+    assert counts == {"unet": 2 * steps, "text_encoder": 2 * steps}  # each checkpointed block ran again in backward
+    reference_training, reference = sd15_run
+    assert result.losses == reference.losses
+    assert torch.equal(training.rows[0].learned(), reference_training.rows[0].learned())
+
+
+def test_the_lr_schedule_waits_for_a_step_the_grad_scaler_skipped(
+    tiny_models_dir: Path, step0_sample_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under fp16 the grad scaler skips an optimizer step whose gradients overflowed and accelerate's optimizer
+    reports it (`step_was_skipped`); CPU runs have no scaler, so the second step is skipped the same way here."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    calls = 0
+    step = AcceleratedOptimizer.step
+
+    def step_skipping_the_second(self, closure=None):
+        nonlocal calls
+        calls += 1
+        # What AcceleratedOptimizer.step records after each GradScaler step (skipped or not).
+        self._is_overflow = calls == 2
+        return None if self._is_overflow else step(self, closure)
+
+    monkeypatch.setattr(AcceleratedOptimizer, "step", step_skipping_the_second)
+    out = with_step0(step0_sample_dir, tmp_path)
+    config = config_for(tiny_models_dir, out, "textual_inversion.lr_warmup_steps=10", "textual_inversion.checkpointing_steps=1000")
+    training, result = train_in_memory(config)
+    steps = config.textual_inversion.max_train_steps
+    assert calls == steps and len(result.losses) == steps
+    assert training.lr_scheduler.last_epoch == steps - 1  # the skipped step did not advance the warm-up
+    assert training.lr_scheduler.get_last_lr()[0] == pytest.approx(config.textual_inversion.learning_rate * (steps - 1) / 10)
