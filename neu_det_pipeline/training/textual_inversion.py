@@ -13,7 +13,9 @@ class and text encoder, named like diffusers' SDXL textual inversion example (`l
     pipe.load_textual_inversion(f"{step1}/learned_embeds_2-crazing.safetensors", token="<neu-crazing>",
                                 text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)  # SDXL only
 
-or all classes at once with :func:`load_learned_embeddings` (reads `token_map.json`).
+or all classes at once with :func:`load_learned_embeddings` (reads `token_map.json`), which also makes the text
+encoders pool at EOS (:func:`~neu_det_pipeline.training.diffusion.pool_at_eos`): with the hub's configs an SDXL
+pipeline's pooled prompt embedding would otherwise be read at the class token.
 """
 
 from __future__ import annotations
