@@ -20,6 +20,7 @@ from conftest import (
     SMOKE_CONFIG,
     crash_after_checkpoint,
     launch_two_cpu_ranks,
+    skip_optimizer_step,
     smoke_overrides,
 )
 from diffusers import (
@@ -391,25 +392,11 @@ def test_gradient_checkpointing_and_loader_workers_leave_the_result_unchanged(
 def test_the_lr_schedule_waits_for_a_step_the_grad_scaler_skipped(
     tiny_models_dir: Path, step0_sample_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Under fp16 the grad scaler skips an optimizer step whose gradients overflowed and accelerate's optimizer
-    reports it (`step_was_skipped`); CPU runs have no scaler, so the second step is skipped the same way here."""
-    from accelerate.optimizer import AcceleratedOptimizer
-
-    calls = 0
-    step = AcceleratedOptimizer.step
-
-    def step_skipping_the_second(self, closure=None):
-        nonlocal calls
-        calls += 1
-        # What AcceleratedOptimizer.step records after each GradScaler step (skipped or not).
-        self._is_overflow = calls == 2
-        return None if self._is_overflow else step(self, closure)
-
-    monkeypatch.setattr(AcceleratedOptimizer, "step", step_skipping_the_second)
+    calls = skip_optimizer_step(monkeypatch, skipped_call=2)
     out = with_step0(step0_sample_dir, tmp_path)
     config = config_for(tiny_models_dir, out, "textual_inversion.lr_warmup_steps=10", "textual_inversion.checkpointing_steps=1000")
     training, result = train_in_memory(config)
     steps = config.textual_inversion.max_train_steps
-    assert calls == steps and len(result.losses) == steps
+    assert len(calls) == steps and len(result.losses) == steps
     assert training.lr_scheduler.last_epoch == steps - 1  # the skipped step did not advance the warm-up
     assert training.lr_scheduler.get_last_lr()[0] == pytest.approx(config.textual_inversion.learning_rate * (steps - 1) / 10)
