@@ -28,6 +28,7 @@ from diffusers import (
 )
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.training_utils import compute_snr
+from PIL import Image
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from neu_det_pipeline.config import PipelineConfig
@@ -193,7 +194,7 @@ def outside_autocast(device: torch.device) -> torch.autocast:
 
 
 @torch.no_grad()
-def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> list:
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> list[Image.Image]:
     """PIL images from a pipeline's `output_type="latent"` result, decoded outside autocast in the VAE's dtype.
 
     Unscales as the SD 1.5 and SDXL pipelines do (SDXL VAEs may carry `latents_mean` / `latents_std`).
@@ -207,7 +208,8 @@ def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> list:
         latents = latents.float() / config.scaling_factor
     with outside_autocast(latents.device):
         images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-    return VaeImageProcessor(vae_scale_factor=2 ** (len(config.block_out_channels) - 1)).postprocess(images.float(), output_type="pil")
+    processor = VaeImageProcessor(vae_scale_factor=2 ** (len(config.block_out_channels) - 1))
+    return processor.postprocess(images.float(), output_type="pil")
 
 
 def inference_pipeline(components: DiffusionComponents) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
