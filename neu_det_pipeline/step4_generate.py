@@ -9,6 +9,11 @@ image keeps its source's boxes. Several processes (`accelerate launch --num_proc
 the result equals a single-process run. A killed run continues with the same command, making only what is
 missing.
 
+Each control acts within its own `generation.control_guidance_start/end` window, with one ControlNet per control
+and with the SDXL union ControlNet alike (one window per control mode); the manifest's `control_guidance` is
+what the pipeline was given. Nothing runs under autocast: the SDXL pipelines upcast an fp16 VAE to fp32 for
+decoding when its config says `force_upcast`.
+
 Outputs in `<run.output_dir>/step4_generate/` (later steps rely on this layout):
     images/<class>/<name>.png       synthetic image at the source size, grayscale (`generation.output_*`)
     labels/<name>.xml               Pascal VOC boxes, the source's boxes in output coordinates

@@ -187,7 +187,9 @@ class ClassifierTraining:
             if step_now:
                 accelerator.clip_grad_norm_([p for group in self.optimizer.param_groups for p in group["params"]], section.max_grad_norm)
                 optimizer.step()
-                self.lr_scheduler.step()
+                # Under fp16 the gradient scaler skips a step whose gradients hold inf/NaN; the schedule waits too.
+                if not optimizer.step_was_skipped:
+                    self.lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 on_step(self.lr_scheduler.last_epoch, parts.total.item())
             for key, value in (("loss", parts.total), ("classification", parts.classification), ("segmentation", parts.segmentation)):

@@ -122,10 +122,11 @@ def _clip_text_config(tokenizer: CLIPTokenizer, **overrides: int) -> CLIPTextCon
         **TINY_TRANSFORMER,
         vocab_size=len(tokenizer),
         max_position_embeddings=tokenizer.model_max_length,
-        # The pooled output is read at the first EOS id, so the ids must be the tokenizer's.
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        # The special ids of the hub's SD 1.5 / SDXL text-encoder configs: with eos_token_id=2 transformers pools at
+        # the highest token id of a prompt (the pipeline must point it at the real EOS, see `pool_at_eos`).
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
         **overrides,
     )
 
