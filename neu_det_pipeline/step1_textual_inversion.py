@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from neu_det_pipeline.cli import step_main
+from neu_det_pipeline.models import DTYPE_NAMES
 from neu_det_pipeline.recipe import Step, StepContext
 from neu_det_pipeline.training.loop import training_config_keys
 from neu_det_pipeline.training.textual_inversion import TextualInversion
@@ -36,6 +37,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
     return {
         "pipeline": ctx.config.models.pipeline,
         "processes": result.processes,
+        "dtype": DTYPE_NAMES[training.components.unet.dtype],  # frozen weights; the trained rows stay fp32
         "steps": len(result.losses),
         "final_loss": result.losses[-1],
         "tokens": result.tokens,

@@ -33,6 +33,7 @@ from neu_det_pipeline.captions import (
 )
 from neu_det_pipeline.cli import step_main
 from neu_det_pipeline.io import link_or_copy, write_jsonl
+from neu_det_pipeline.models import DTYPE_NAMES, inference_dtype, resolve_device
 from neu_det_pipeline.recipe import Step, StepContext, console
 
 PARTIAL_RESULTS_FILE = "captions.partial.jsonl"
@@ -78,6 +79,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
         "class_counts": dict(counts),
         "prompt_style": cfg.captions.prompt_style,
         "ranking_backends": [scorer.name for scorer in annotator.ranker.scorers],
+        "dtype": DTYPE_NAMES[inference_dtype(resolve_device(cfg.run.device), cfg.run.mixed_precision)],
         "score_normalisation": "per-image z-score of cosine similarity over the candidates, averaged over backends",
         "models": annotator.models,
         "top_keywords": {name: [kw for kw, _ in pairs] for name, pairs in top_keywords.items()},

@@ -49,7 +49,7 @@ from neu_det_pipeline.generation.outputs import (
 )
 from neu_det_pipeline.generation.pipeline import ControlNetGenerator, step1_tokens
 from neu_det_pipeline.generation.plan import batches, build_plan, template_prompts
-from neu_det_pipeline.models import inference_dtype, resolve_device
+from neu_det_pipeline.models import DTYPE_NAMES, inference_dtype, resolve_device
 from neu_det_pipeline.recipe import Step, StepContext, console
 from neu_det_pipeline.training.lora import caption_prompts
 
@@ -122,6 +122,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
     return {
         "pipeline": cfg.models.pipeline,
         "processes": state.num_processes,
+        "dtype": DTYPE_NAMES[generator.pipe.unet.dtype if generator else dtype],
         "images": len(manifest),
         "images_generated": len(pending),
         "images_from_earlier_run": len(plan) - len(pending),
