@@ -123,14 +123,12 @@ def _run_logged(step: Step, config: PipelineConfig, progress: Any, log: Path, lo
 
 
 def free_step_models() -> None:
-    """Free what the step that just ended still holds: accelerate's wrapped `forward` (a method bound to the model,
-    stored on the model) is a reference cycle, so its models, optimizer and data stay alive until a collection, and
-    accelerate's process-wide state keeps its data loaders; on a GPU the next step would start with them in memory."""
+    """Free the models of the step that just ended: accelerate's wrapped `forward` (a method bound to the model,
+    stored on the model) is a reference cycle, so reference counting alone keeps them, with their optimizer state,
+    until some later collection; on a GPU the next step would start with them in memory. (accelerate's process-wide
+    state holds no model; `make_accelerator` renews it when a step needs another precision.)"""
     import torch
-    from accelerate.state import AcceleratorState, GradientState
 
-    AcceleratorState._reset_state()  # the process group (PartialState) stays for the next step
-    GradientState._reset_state()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
