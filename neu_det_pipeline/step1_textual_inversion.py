@@ -14,7 +14,7 @@ Outputs in `<run.output_dir>/step1_textual_inversion/`:
     losses.json, loss.png                 loss per optimizer step
     validation/step-<N>.png               one row of seeded images per class token
     checkpoints/checkpoint-<N>/           resumable state (newest `checkpoints_total_limit` kept)
-    summary.json                          steps, final loss, tokens, files, the checkpoint resumed from
+    summary.json                          steps, final loss, tokens, files, the checkpoint resumed from, dtype
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Outputs in `<run.output_dir>/step2_captions/`:
     captions.jsonl          one row per training image: prompt, token, keyword and variant scores, models
     train/<id>.png          the Step 0 training copies (hard links; copies across file systems)
     train/metadata.jsonl    `file_name` + `text`: a Hugging Face `imagefolder` dataset for diffusers training
-    summary.json            counts, models, device, timings, top keywords per class
+    summary.json            counts, models, device, dtype, timings, top keywords per class
 """
 
 from __future__ import annotations

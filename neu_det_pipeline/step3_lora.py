@@ -14,7 +14,7 @@ Outputs in `<run.output_dir>/step3_lora/`:
     losses.json                        loss per optimizer step
     validation/step-<N>.png            one row of seeded images per class
     checkpoints/checkpoint-<N>/        resumable state (newest `checkpoints_total_limit` kept)
-    summary.json                       steps, final loss, trainable parameters, optimizer state bits, resumed from
+    summary.json                       steps, final loss, trainable parameters, optimizer state bits, resumed from, dtype
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ Outputs in `<run.output_dir>/step4_generate/` (later steps rely on this layout):
                                     guidance, models, LoRA / token hashes, augmentation (sorted by name)
     controls/<detector>-<res>-<weights>/<sha256>.png   control-map cache (`generation.control_cache_dir`)
     contact_sheets/<class>.png      per source: the real image, its maps, its synthetic images with boxes
-    summary.json                    counts per class, maps made / cached, images/s, models, ignored GPU options
+    summary.json                    counts per class, maps made / cached, images/s, models, dtype, ignored GPU options
     manifest.parts/rank-<N>.jsonl   while running: each process's finished rows (what a resumed run skips)
 `<name>` is `<source id>-s<index>` with `-<augmentation>` when `generation.layout_augmentations` moved the layout.
 """

@@ -16,7 +16,7 @@ Outputs in `<run.output_dir>/step6_classifier/`:
     metrics.csv, curves.png   per-epoch losses, loss weights, learning rates, validation scores
     test_metrics.json         test (real) accuracy, macro-F1, per-class report, mask IoU / Dice, confusion matrix
     confusion_matrix.png      on the test split
-    summary.json              data counts, backbone, best epoch, test scores, wall time
+    summary.json              data counts, backbone, dtype (autocast), best epoch, test scores, wall time
 """
 
 from __future__ import annotations
