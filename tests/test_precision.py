@@ -94,3 +94,7 @@ def test_step5_extractors_run_in_bf16(make_config, name: str) -> None:
     assert not torch.equal(half, full)  # it really ran in bf16
     cosine = torch.nn.functional.cosine_similarity(half, full, dim=1)
     assert (cosine > 0.98).all(), cosine
+
+
+def test_unquoted_yaml_no_means_no(make_config) -> None:
+    assert make_config("run.mixed_precision=no").run.mixed_precision == "no"  # YAML 1.1 reads it as false
