@@ -103,11 +103,11 @@ def _run_logged(step: Step, config: PipelineConfig, progress: Any, log: Path, lo
     """Run one step, its console output recorded into `log`; a failure becomes `StepFailed`."""
     console.record = True
     console.export_text(clear=True)  # drop anything recorded before this step
-    failure = ""
+    failure, own_log = "", True
     try:
         return run_step(step, config, progress, locks)
     except StepBusyError:
-        log = None  # the log belongs to the run holding the step
+        own_log = False  # the log belongs to the run holding the step
         raise
     except Exception as exc:
         error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -117,7 +117,7 @@ def _run_logged(step: Step, config: PipelineConfig, progress: Any, log: Path, lo
         raise StepFailed(step.name, error, log) from None
     finally:
         recorded = console.export_text(clear=True) + failure
-        if log is not None:
+        if own_log:
             atomic_write_text(log, recorded)
         console.record = False
 
