@@ -57,9 +57,17 @@ class RunConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Device for inference steps: `auto` takes CUDA when available."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
-    """Mixed precision for training and inference on GPU (forced to `no` on CPU)."""
+    """Precision of training (autocast, frozen weights) and inference. On GPU as set, except DINOv3 (Steps 5-6),
+    which is not fp16-safe and runs in bf16 there (fp32 where the GPU has no bf16). On CPU `bf16` runs in bf16 where
+    the CPU has bf16 kernels (slow, but it exercises the half-precision paths); `fp16` runs in fp32 there (CPU fp16
+    kernels are slow or missing). Each step's summary records the dtype it really ran in (`dtype`)."""
     tiny_models_dir: Path | None = None
     """If set, tiny random models are built here (once) before any step runs; for offline smoke runs."""
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML 1.1 reads an unquoted `no` as false
 
 
 class SplitConfig(Section):

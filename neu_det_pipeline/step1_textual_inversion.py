@@ -25,7 +25,7 @@ Outputs in `<run.output_dir>/step1_textual_inversion/`:
     losses.json, loss.png                 loss per optimizer step
     validation/step-<N>.png               one row of seeded images per class token
     checkpoints/checkpoint-<N>/           resumable state (newest `checkpoints_total_limit` kept)
-    summary.json                          steps, final loss, tokens, files, the checkpoint resumed from
+    summary.json                          steps, final loss, tokens, files, the checkpoint resumed from, dtype
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from neu_det_pipeline.cli import step_main
+from neu_det_pipeline.models import DTYPE_NAMES
 from neu_det_pipeline.recipe import Step, StepContext
 from neu_det_pipeline.training.loop import training_config_keys
 from neu_det_pipeline.training.textual_inversion import TextualInversion
@@ -47,6 +48,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
     return {
         "pipeline": ctx.config.models.pipeline,
         "processes": result.processes,
+        "dtype": DTYPE_NAMES[training.components.unet.dtype],  # frozen weights; the trained rows stay fp32
         "steps": len(result.losses),
         "final_loss": result.losses[-1],
         "tokens": result.tokens,

@@ -21,7 +21,7 @@ Outputs in `<run.output_dir>/step3_lora/`:
     losses.json                        loss per optimizer step
     validation/step-<N>.png            one row of seeded images per class
     checkpoints/checkpoint-<N>/        resumable state (newest `checkpoints_total_limit` kept)
-    summary.json                       steps, final loss, trainable parameters, optimizer state bits, resumed from
+    summary.json                       steps, final loss, trainable parameters, optimizer state bits, resumed from, dtype
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 from neu_det_pipeline.cli import step_main
+from neu_det_pipeline.models import DTYPE_NAMES
 from neu_det_pipeline.recipe import Step, StepContext
 from neu_det_pipeline.training.loop import training_config_keys
 from neu_det_pipeline.training.lora import LoraTraining
@@ -49,6 +50,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
         "rank": section.rank,
         "alpha": section.alpha,
         "processes": training.accelerator.num_processes,
+        "dtype": DTYPE_NAMES[training.components.unet.dtype],  # frozen weights; the adapters stay fp32
         "steps": len(result.losses),
         "final_loss": result.losses[-1],
         "trainable_parameters": result.trainable_parameters,

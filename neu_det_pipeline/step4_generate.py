@@ -23,7 +23,7 @@ Outputs in `<run.output_dir>/step4_generate/` (later steps rely on this layout):
                                     guidance, models, LoRA / token hashes, augmentation (sorted by name)
     controls/<detector>-<res>-<weights>/<sha256>.png   control-map cache (`generation.control_cache_dir`)
     contact_sheets/<class>.png      per source: the real image, its maps, its synthetic images with boxes
-    summary.json                    counts per class, maps made / cached, images/s, models, ignored GPU options
+    summary.json                    counts per class, maps made / cached, images/s, models, dtype, ignored GPU options
     manifest.parts/rank-<N>.jsonl   while running: each process's finished rows (what a resumed run skips)
 `<name>` is `<source id>-s<index>` with `-<augmentation>` when `generation.layout_augmentations` moved the layout.
 """
@@ -54,7 +54,7 @@ from neu_det_pipeline.generation.outputs import (
 )
 from neu_det_pipeline.generation.pipeline import ControlNetGenerator, step1_tokens
 from neu_det_pipeline.generation.plan import batches, build_plan, template_prompts
-from neu_det_pipeline.models import inference_dtype, resolve_device
+from neu_det_pipeline.models import DTYPE_NAMES, inference_dtype, resolve_device
 from neu_det_pipeline.recipe import Step, StepContext, console
 from neu_det_pipeline.training.lora import caption_prompts
 
@@ -127,6 +127,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
     return {
         "pipeline": cfg.models.pipeline,
         "processes": state.num_processes,
+        "dtype": DTYPE_NAMES[generator.pipe.unet.dtype if generator else dtype],
         "images": len(manifest),
         "images_generated": len(pending),
         "images_from_earlier_run": len(plan) - len(pending),

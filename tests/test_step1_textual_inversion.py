@@ -13,8 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from conftest import (
     REPO,
     SMOKE_CONFIG,
@@ -38,7 +36,6 @@ from neu_det_pipeline.errors import PipelineError
 from neu_det_pipeline.io import read_json, read_jsonl, write_jsonl
 from neu_det_pipeline.recipe import run_step
 from neu_det_pipeline.step1_textual_inversion import STEP
-from neu_det_pipeline.training import textual_inversion
 from neu_det_pipeline.training.diffusion import inference_pipeline
 from neu_det_pipeline.training.textual_inversion import (
     TextualInversion,
@@ -264,24 +261,17 @@ def test_sdxl_trains_both_text_encoders(tiny_models_dir: Path, step0_sample_dir:
     np.testing.assert_array_equal(_images(fresh, prompts), _images(trained_pipe, prompts))
 
 
-@pytest.fixture
-def bf16_autocast(monkeypatch: pytest.MonkeyPatch):
-    """CPU autocast in bf16: the mixed-precision path of a GPU run (`make_accelerator` keeps CPU runs in fp32)."""
-    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's state is a per-process singleton
-    monkeypatch.setattr(textual_inversion, "make_accelerator", lambda config: Accelerator(cpu=True, mixed_precision="bf16"))
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.mark.parametrize("pipeline", ["sd15", "sdxl"])
 def test_mixed_precision_trains_fp32_tokens_through_half_precision_networks(
-    bf16_autocast, tiny_models_dir: Path, step0_sample_dir: Path, tmp_path: Path, pipeline: str
+    tiny_models_dir: Path, step0_sample_dir: Path, tmp_path: Path, pipeline: str
 ) -> None:
+    """bf16 on CPU: weights and autocast as in a GPU run."""
     out = with_step0(step0_sample_dir, tmp_path)
     training, result = train_in_memory(config_for(
         tiny_models_dir, out, f"models.pipeline={pipeline}", "textual_inversion.max_train_steps=2", "textual_inversion.validation_steps=2",
+        "run.mixed_precision=bf16",
     ))
-    assert training.components.unet.dtype == torch.bfloat16
+    assert training.accelerator.mixed_precision == "bf16" and training.components.unet.dtype == torch.bfloat16
     # The SDXL VAE overflows in half precision, so it stays fp32 like in diffusers' SDXL scripts.
     assert training.components.vae.dtype == (torch.float32 if pipeline == "sdxl" else torch.bfloat16)
     assert all(rows.weight.dtype == torch.float32 for rows in training.rows)

@@ -22,13 +22,14 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from neu_det_pipeline.config import PipelineConfig
 from neu_det_pipeline.errors import PipelineError
-from neu_det_pipeline.models import resolve_device
+from neu_det_pipeline.models import precision_for, resolve_device
 from neu_det_pipeline.training.data import (
     DefectImageDataset,
     SeededOrderSampler,
@@ -53,10 +54,16 @@ def training_config_keys(section: str) -> tuple[str, ...]:
     )
 
 
-def make_accelerator(config: PipelineConfig) -> Accelerator:
-    """CPU when asked for or when no GPU exists (`accelerate launch --multi_gpu` then runs gloo ranks)."""
-    cpu = resolve_device(config.run.device).type == "cpu"
-    return Accelerator(mixed_precision="no" if cpu else config.run.mixed_precision, cpu=cpu)
+def make_accelerator(config: PipelineConfig, fp16_unsafe_model: str | None = None) -> Accelerator:
+    """CPU when asked for or when no GPU exists (`accelerate launch --multi_gpu` then runs gloo ranks), in the
+    precision `precision_for` picks (bf16 autocast on CPU too when `run.mixed_precision=bf16`)."""
+    device = resolve_device(config.run.device)
+    precision = precision_for(device, config.run.mixed_precision, fp16_unsafe_model)
+    # accelerate keeps one precision per process; a later step (or test) may need another (Step 6 runs DINOv3
+    # in bf16 after fp16 diffusion steps): start its state afresh, keeping the process group (PartialState).
+    if AcceleratorState._shared_state.get("_mixed_precision") not in (None, precision):
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
 
 
 def weight_dtype(accelerator: Accelerator) -> torch.dtype:
