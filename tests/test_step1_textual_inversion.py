@@ -119,10 +119,10 @@ def test_tokens_start_from_their_word_and_only_their_rows_get_gradients(tiny_mod
     tokenizer = CLIPTokenizer.from_pretrained(tiny_models_dir / "sd15", subfolder="tokenizer")
     encoder = CLIPTextModel.from_pretrained(tiny_models_dir / "sd15", subfolder="text_encoder")
     original = encoder.get_input_embeddings().weight.detach().clone()
-    word_ids = tokenizer.encode("stains", add_special_tokens=False)
-    assert len(word_ids) > 1  # several pieces in the tiny vocabulary: their embeddings are averaged
+    word_ids = tokenizer.encode("discoloured", add_special_tokens=False)
+    assert len(word_ids) > 1  # three pieces in CLIP's vocabulary: their embeddings are averaged
 
-    rows = add_placeholder_tokens(tokenizer, encoder, {"patches": "<neu-patches>"}, {"patches": "stains"})
+    rows = add_placeholder_tokens(tokenizer, encoder, {"patches": "<neu-patches>"}, {"patches": "discoloured"})
     torch.testing.assert_close(rows.learned()[0], original[word_ids].mean(dim=0))
 
     ids = tokenizer(["a photo of <neu-patches> on steel"], return_tensors="pt").input_ids
@@ -217,9 +217,9 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(
 
 
 def test_placeholder_already_in_vocabulary_is_refused(tiny_models_dir: Path, step0_sample_dir: Path, tmp_path: Path) -> None:
-    # `{cls}` makes the token `crazing`, a word the tokenizer already has.
+    # `{cls}` makes the tokens the class names; `inclusion` is one word of CLIP's vocabulary (`crazing` is two pieces).
     config = config_for(tiny_models_dir, with_step0(step0_sample_dir, tmp_path), "textual_inversion.placeholder_format='{cls}'")
-    with pytest.raises(PipelineError, match=r"'crazing' already exists .* textual_inversion\.placeholder_format") as error:
+    with pytest.raises(PipelineError, match=r"'inclusion' already exists .* textual_inversion\.placeholder_format") as error:
         run_step(STEP, config)
     assert "\n" not in str(error.value)
 
