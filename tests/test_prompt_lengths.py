@@ -73,4 +73,4 @@ def test_step2_says_which_prompts_are_cut(
     lengths = summary["prompt_tokens"]
     assert lengths["prompts_checked"] == classes and lengths["prompts_cut"] == classes  # plain: one prompt per class
     assert lengths["longest_prompt_tokens"] == 1 + 3 + 1 + 1 + 75 + 1  # start, "a photo of", token, "on", words, end
-    assert f"{classes} of {classes} prompts exceed CLIP's 77 tokens" in capsys.readouterr().out.replace("\n", " ")
+    assert f"{classes} of {classes} prompts exceed CLIP's 77 tokens" in " ".join(capsys.readouterr().err.split())  # one console line
