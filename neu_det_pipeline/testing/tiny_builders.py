@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import shutil
 import tempfile
 import zlib
@@ -62,7 +61,6 @@ from neu_det_pipeline.captions.clip_tokens import write_clip_vocabulary
 from neu_det_pipeline.models import quiet_library_progress
 from neu_det_pipeline.testing.make_tokenizer_assets import ASSETS_DIR, GPT2_TOKENIZER
 
-logger = logging.getLogger(__name__)
 quiet_library_progress()  # no "Writing model shards" bar per tiny model
 
 REAL_CONFIGS_DIR = Path(__file__).resolve().parent / "real_configs"
