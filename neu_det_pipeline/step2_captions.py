@@ -12,7 +12,10 @@ Outputs in `<run.output_dir>/step2_captions/`:
     captions.jsonl          one row per training image: prompt, token, keyword and variant scores, models
     train/<id>.png          the Step 0 training copies (hard links; copies across file systems)
     train/metadata.jsonl    `file_name` + `text`: a Hugging Face `imagefolder` dataset for diffusers training
-    summary.json            counts, models, device, dtype, timings, top keywords per class
+    summary.json            counts, models, device, dtype, timings, top keywords per class, `prompt_tokens`: CLIP token
+                            counts of the prompts (real CLIP tokenizer, the class token counting as one); prompts
+                            over 77 tokens, which the text encoder cuts, are counted, the first ones named, and one
+                            console line says so
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections import Counter
 from typing import Any
 
 from neu_det_pipeline.artifacts import CAPTIONS_FILE
+from neu_det_pipeline.captions.clip_tokens import check_prompt_lengths
 from neu_det_pipeline.captions import (
     DATASET_DIR,
     CaptionAnnotator,
@@ -72,6 +76,10 @@ def run(ctx: StepContext) -> dict[str, Any]:
     counts = Counter(image.image_class for image in images)
     top_keywords = top_keywords_by_class(ordered, cfg.captions.top_k)
     console.print(keyword_table(top_keywords, counts, cfg.data.classes))
+    # Steps 3 and 4 read each prompt through CLIP's 77 tokens, which drop the rest silently: say which lose words.
+    prompt_lengths = check_prompt_lengths([row["prompt"] for row in ordered], annotator.tokens.values())
+    if warning := prompt_lengths.warning("prompts"):
+        console.print(f"[yellow]step2_captions: {warning}[/yellow]")
     return {
         "train_images": len(images),
         "images_captioned": len(images) - from_cache,
@@ -84,6 +92,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
         "models": annotator.models,
         "top_keywords": {name: [kw for kw, _ in pairs] for name, pairs in top_keywords.items()},
         "best_variants": dict(Counter(row["best_variant"] for row in ordered)),
+        "prompt_tokens": prompt_lengths.summary(),
         "timings_s": {"load_models": round(load_s, 3), **{k: round(v, 3) for k, v in annotator.timings.items()}},
         "outputs": {"captions": CAPTIONS_FILE, "imagefolder": f"{DATASET_DIR}/metadata.jsonl"},
     }

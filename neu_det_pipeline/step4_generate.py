@@ -23,7 +23,11 @@ Outputs in `<run.output_dir>/step4_generate/` (later steps rely on this layout):
                                     guidance, models, LoRA / token hashes, augmentation (sorted by name)
     controls/<detector>-<res>-<weights>/<sha256>.png   control-map cache (`generation.control_cache_dir`)
     contact_sheets/<class>.png      per source: the real image, its maps, its synthetic images with boxes
-    summary.json                    counts per class, maps made / cached, images/s, models, dtype, ignored GPU options
+    summary.json                    counts per class, maps made / cached, images/s, models, dtype, ignored GPU options,
+                                    `prompt_tokens`: CLIP token counts of the prompts and the negative prompt
+                                    (real CLIP tokenizer, a Step 1 token counts as one); prompts over 77 tokens,
+                                    which the text encoder cuts, are counted, the first ones named, and one
+                                    console line says so
     manifest.parts/rank-<N>.jsonl   while running: each process's finished rows (what a resumed run skips)
 `<name>` is `<source id>-s<index>` with `-<augmentation>` when `generation.layout_augmentations` moved the layout.
 """
@@ -41,6 +45,7 @@ from accelerate.utils import gather_object
 from rich.table import Table
 
 from neu_det_pipeline.artifacts import train_rows
+from neu_det_pipeline.captions.clip_tokens import check_prompt_lengths
 from neu_det_pipeline.cli import step_main
 from neu_det_pipeline.config import GenerationConfig, PipelineConfig
 from neu_det_pipeline.generation.controls import ControlMapCache
@@ -73,10 +78,9 @@ def required_steps(config: PipelineConfig) -> tuple[str, ...]:
     return tuple(name for name, needed in wanted.items() if needed)
 
 
-def source_prompts(ctx: StepContext, rows: list[dict[str, Any]]) -> dict[str, str]:
+def source_prompts(ctx: StepContext, rows: list[dict[str, Any]], tokens: dict[str, str] | None) -> dict[str, str]:
     """Source id -> prompt: its Step 2 caption, or the template with the class token (class name without Step 1)."""
     section = ctx.config.generation
-    tokens = step1_tokens(ctx.upstream_dir("step1_textual_inversion"))[0] if section.use_textual_inversion else None
     if section.prompt_source == "captions":
         return caption_prompts(ctx.upstream_dir("step2_captions"), rows, tokens)
     return template_prompts(section.prompt_template, rows, tokens)
@@ -91,7 +95,9 @@ def run(ctx: StepContext) -> dict[str, Any]:
 
     # 1. The plan: every image, fixed by the config and the upstream outputs.
     rows = train_rows(ctx.upstream_dir("step0_prepare"))
-    plan = build_plan(section, rows, source_prompts(ctx, rows), cfg.run.seed)
+    tokens = step1_tokens(ctx.upstream_dir("step1_textual_inversion"))[0] if section.use_textual_inversion else None
+    prompts = source_prompts(ctx, rows, tokens)
+    plan = build_plan(section, rows, prompts, cfg.run.seed)
     done = finished_rows(out_dir)
     pending = [item for item in plan if item.name not in done]
     mine = batches(pending, section.batch_size, state.process_index, state.num_processes)
@@ -123,6 +129,10 @@ def run(ctx: StepContext) -> dict[str, Any]:
 
     per_class = Counter(row["class"] for row in manifest)
     console.print(_class_table(per_class, Counter(item.image_class for item in pending)))
+    # The text encoder reads 77 tokens and drops the rest silently: say which prompts lose words.
+    prompt_lengths = check_prompt_lengths([*prompts.values(), section.negative_prompt], (tokens or {}).values())
+    if warning := prompt_lengths.warning("prompts (with the negative prompt)"):
+        console.print(f"[yellow]step4_generate: {warning}[/yellow]")
     generator = maker.loaded_generator
     return {
         "pipeline": cfg.models.pipeline,
@@ -138,6 +148,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
         "control_maps_made": sum(rank["maps_made"] for rank in stats),
         "control_maps_cached": sum(rank["maps_cached"] for rank in stats),
         "control_cache": str(cache.root),
+        "prompt_tokens": prompt_lengths.summary(),
         "controls": list(section.controls),
         "scheduler": section.scheduler,
         "mode": section.mode,

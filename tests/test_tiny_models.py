@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+import json
+import shutil
 import subprocess
 import sys
 import time
@@ -10,10 +13,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import numpy as np
 import open_clip
 import pytest
 import torch
+import transformers
 from diffusers import (
     ControlNetModel,
     DiffusionPipeline,
@@ -39,12 +44,15 @@ from transformers import (
     pipeline,
 )
 
+from neu_det_pipeline.captions.clip_tokens import CLIP_CONTEXT_LENGTH, clip_tokenizer
 from neu_det_pipeline.testing import tiny_builders
-from neu_det_pipeline.testing.make_tokenizer_assets import (
-    ASSETS_DIR,
-    CLIP_TOKENIZER,
-    GPT2_TOKENIZER,
-    write_tokenizer_assets,
+from neu_det_pipeline.testing.make_tokenizer_assets import ASSETS_DIR, GPT2_TOKENIZER, write_tokenizer_assets
+from neu_det_pipeline.testing.tiny_builders import (
+    DERIVED_CONFIGS,
+    METADATA_FIELDS,
+    REAL_CONFIGS_DIR,
+    SIZE_FIELDS,
+    DerivedConfig,
 )
 from neu_det_pipeline.testing.tiny_models import TINY_MODEL_NAMES, build_tiny_models
 
@@ -87,7 +95,8 @@ def test_every_model_is_built_in_hub_layout(models: dict[str, Path]) -> None:
         assert (folder / marker.get(name, "config.json")).is_file(), name
         assert not list(folder.rglob("*.bin")), f"{name} should be saved as safetensors only"
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-        assert size < 10 * 2**20, f"{name} is {size / 2**20:.1f} MB"
+        # The CLIP text encoders hold the real 49408-id vocabulary (6 MB each at width 32).
+        assert size < 32 * 2**20, f"{name} is {size / 2**20:.1f} MB"
 
 
 def test_second_build_is_a_noop(tiny_models_dir: Path) -> None:
@@ -139,6 +148,102 @@ def test_failed_build_leaves_no_partial_folder(tmp_path: Path, monkeypatch: pyte
     with pytest.raises(RuntimeError, match="killed mid-build"):
         build_tiny_models(tmp_path, only=["dinov3"])
     assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------ derived from the real configs
+
+ABSENT = "<absent>"
+UNCOMPARED_DICTS = {"size", "crop_size", "id2label", "label2id"}
+"""Dicts compared as one value: an image size is one size field; labels are not architecture."""
+
+
+def _flatten(content: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in content.items():
+        if isinstance(value, dict) and value and key not in UNCOMPARED_DICTS:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def as_loaded(path: Path, diffusers_class: str | None, tmp_path: Path) -> dict[str, Any]:
+    """A config file as its library reads it (defaults filled in, legacy keys applied), flattened, without
+    :data:`METADATA_FIELDS`; both sides of a comparison go through the same class."""
+    content = json.loads(path.read_text())
+    if path.name == "preprocessor_config.json":
+        folder = tmp_path / f"processor-{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        shutil.copyfile(path, folder / path.name)
+        content = AutoImageProcessor.from_pretrained(folder).to_dict()
+    elif diffusers_class:
+        init = inspect.signature(getattr(diffusers, diffusers_class).__init__).parameters.values()
+        defaults = {p.name: p.default for p in init if p.default is not inspect.Parameter.empty}
+        content = json.loads(json.dumps({name: content.get(name, default) for name, default in defaults.items()}))
+    else:
+        content = transformers.CONFIG_MAPPING[content["model_type"]].from_dict(content).to_dict()
+    return {key: value for key, value in _flatten(content).items() if key.rsplit(".", 1)[-1] not in METADATA_FIELDS}
+
+
+def config_differences(derived: DerivedConfig, tiny_root: Path, tmp_path: Path) -> dict[str, tuple[Any, Any]]:
+    """Field -> (real value, tiny value) for every field in which the tiny file differs from the real one."""
+    tiny_path = tiny_root / derived.tiny_model / derived.file
+    # The class the pipeline loads it with (the union's files name ControlNetModel, as on the hub).
+    diffusers_class = "ControlNetUnionModel" if derived.kind == "controlnet_union" else json.loads(tiny_path.read_text()).get("_class_name")
+    real = as_loaded(REAL_CONFIGS_DIR / derived.real, diffusers_class, tmp_path)
+    tiny = as_loaded(tiny_path, diffusers_class, tmp_path)
+    return {
+        key: (real.get(key, ABSENT), tiny.get(key, ABSENT))
+        for key in sorted(real.keys() | tiny.keys())
+        if real.get(key, ABSENT) != tiny.get(key, ABSENT)
+    }
+
+
+@pytest.mark.parametrize("derived", DERIVED_CONFIGS, ids=lambda d: f"{d.tiny_model}/{d.file}")
+def test_tiny_configs_differ_from_the_real_ones_only_in_size(
+    derived: DerivedConfig, models: dict[str, Path], tmp_path: Path
+) -> None:
+    differences = config_differences(derived, next(iter(models.values())).parent, tmp_path)
+    not_size = {key: values for key, values in differences.items() if key not in SIZE_FIELDS[derived.kind]}
+    assert not not_size, f"{derived.tiny_model}/{derived.file} differs from {derived.real} beyond size fields: {not_size}"
+    assert differences, "a tiny model that is not smaller than the real one"
+
+
+def test_tiny_timm_dinov3_differs_from_the_real_one_only_in_size(models: dict[str, Path]) -> None:
+    """timm's config.json names the architecture and its pretrained settings; the tiny one adds only size arguments."""
+    from neu_det_pipeline.testing.tiny_builders import DINOV3_TIMM_SIZES, real_config
+
+    real, tiny = real_config("dinov3-timm/config.json"), json.loads((models["dinov3-timm"] / "config.json").read_text())
+    assert tiny["architecture"] == real["architecture"] and tiny["num_classes"] == real["num_classes"]
+    sizes = {key: value for key, value in tiny["model_args"].items() if key in DINOV3_TIMM_SIZES}
+    assert sizes == {**DINOV3_TIMM_SIZES, "img_size": [DINOV3_TIMM_SIZES["img_size"]] * 2}
+    # timm records every argument it was given; the rest must be what the real checkpoint uses (RGB input).
+    others = {key: value for key, value in tiny["model_args"].items() if key not in DINOV3_TIMM_SIZES}
+    assert others == {"num_classes": real["num_classes"], "global_pool": real["global_pool"], "in_chans": 3}
+    same_settings = {key for key in real["pretrained_cfg"] if key != "input_size"}
+    assert {key: tiny["pretrained_cfg"].get(key) for key in same_settings} == {key: real["pretrained_cfg"][key] for key in same_settings}
+
+
+def test_a_changed_branch_field_is_caught(models: dict[str, Path], tmp_path: Path) -> None:
+    """The comparison sees a non-size change, e.g. the CLIP pooling switch the hub files set."""
+    root = tmp_path / "tiny"
+    shutil.copytree(models["sd15"] / "text_encoder", root / "sd15" / "text_encoder")
+    config_file = root / "sd15" / "text_encoder" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "eos_token_id": 49407}))
+    derived = next(d for d in DERIVED_CONFIGS if d.tiny_model == "sd15" and d.file == "text_encoder/config.json")
+    assert config_differences(derived, root, tmp_path)["eos_token_id"] == (2, 49407)
+    assert "eos_token_id" not in SIZE_FIELDS[derived.kind]
+
+
+def test_every_real_config_folder_has_its_sources() -> None:
+    sources = (REAL_CONFIGS_DIR / "SOURCES.md").read_text()
+    for folder in sorted(p.name for p in REAL_CONFIGS_DIR.iterdir() if p.is_dir()):
+        assert f"`{folder}/`" in sources, f"real_configs/{folder} has no entry in SOURCES.md"
+
+
+def test_real_configs_ship_with_the_package() -> None:
+    package_data = Path(__file__).resolve().parents[1].joinpath("pyproject.toml").read_text()
+    assert '"testing/real_configs/**/*"' in package_data
 
 
 # ------------------------------------------------------------------------------------ diffusion
@@ -276,24 +381,51 @@ def test_tokenizer_assets_match_their_generator(tmp_path: Path) -> None:
         )
 
 
-@pytest.mark.parametrize("folder", [CLIP_TOKENIZER, GPT2_TOKENIZER])
-def test_tokenizers_cover_any_text_and_count_added_tokens(folder: str) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(ASSETS_DIR / folder)
-    ids = tokenizer(PROMPT + ", 4K ½ é 漢", add_special_tokens=False).input_ids
-    assert len(ids) < 40 and tokenizer.unk_token_id not in ids  # unseen characters fall back to bytes
-    # Textual inversion tells new placeholders from existing ones by this count.
+REAL_PROMPTS = [
+    PROMPT,
+    "a grayscale photo of <neu-rolled-in_scale> on a steel strip, hot-rolled steel strip, metal surface, scale flakes",
+    "A close-up photograph of a rusty, pitted steel plate -- 4K, f/2.8 (macro)!",
+    "Überprüfung: Kratzer & Einschlüsse auf Stahl, 50% vergrößert",
+    " ".join(["crazing on the hot-rolled steel strip surface"] * 12),  # far beyond 77 tokens
+]
+
+
+@pytest.mark.parametrize("prompt", REAL_PROMPTS)
+def test_clip_tokenizer_matches_open_clip(prompt: str) -> None:
+    """The transformers tokenizer rebuilt from open_clip's BPE file gives open_clip's ids, truncation included."""
+    ids = clip_tokenizer()(prompt, truncation=True, max_length=CLIP_CONTEXT_LENGTH).input_ids
+    reference = open_clip.get_tokenizer("ViT-L-14")([prompt], context_length=CLIP_CONTEXT_LENGTH)[0]
+    assert ids == [int(i) for i in reference if i != 0]  # open_clip pads with 0, CLIP's own tokenizer with its end token
+
+
+def test_tiny_models_carry_the_real_clip_tokenizer(models: dict[str, Path]) -> None:
+    real = clip_tokenizer()
+    folders = [models["sd15"] / "tokenizer", models["sdxl"] / "tokenizer", models["sdxl"] / "tokenizer_2", models["clip"]]
+    for folder in folders:
+        # Hub layout (vocab.json + merges.txt, converted when loaded), not transformers' tokenizer.json.
+        assert (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file(), folder
+        assert not (folder / "tokenizer.json").exists(), folder
+        tokenizer = CLIPTokenizer.from_pretrained(folder)
+        assert len(tokenizer) == 49408 and tokenizer.model_max_length == CLIP_CONTEXT_LENGTH
+        assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (49406, 49407)
+        assert tokenizer(REAL_PROMPTS[1]).input_ids == real(REAL_PROMPTS[1]).input_ids
+    # SDXL's second tokenizer pads with "!" (id 0), a special added token: it also splits "!" out of words.
+    tokenizer_2 = CLIPTokenizer.from_pretrained(models["sdxl"] / "tokenizer_2")
+    assert tokenizer_2.pad_token_id == 0
+    assert tokenizer_2.convert_ids_to_tokens(tokenizer_2("macro)!").input_ids[1:-1]) == ["macro</w>", ")</w>", "!"]
+    tokenizer = CLIPTokenizer.from_pretrained(models["sd15"] / "tokenizer")
+    assert tokenizer.pad_token_id == 49407
+    # Textual inversion tells new placeholders from existing ones by this count; each is then one token.
     assert tokenizer.add_tokens(["<neu-crazing>", "<neu-patches>"]) == 2
     assert tokenizer.add_tokens(["<neu-crazing>"]) == 0
-    placeholder_id = tokenizer.convert_tokens_to_ids("<neu-crazing>")
-    assert placeholder_id in tokenizer("a photo of <neu-crazing>").input_ids
+    assert len(tokenizer("a photo of <neu-crazing>").input_ids) == 6
 
 
-def test_clip_tokenizer_fits_diffusers_prompts() -> None:
-    tokenizer = CLIPTokenizer.from_pretrained(ASSETS_DIR / CLIP_TOKENIZER)
-    assert tokenizer.model_max_length == 77
-    ids = tokenizer(PROMPT, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
-    assert len(ids) == 77 and ids[0] == tokenizer.bos_token_id
-    assert tokenizer.convert_ids_to_tokens(ids[1:4]) == ["a</w>", "grayscale</w>", "photo</w>"]
+def test_gpt2_tokenizer_covers_any_text_and_counts_added_tokens() -> None:
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS_DIR / GPT2_TOKENIZER)
+    ids = tokenizer(PROMPT + ", 4K ½ é 漢", add_special_tokens=False).input_ids
+    assert len(ids) < 40 and tokenizer.unk_token_id not in ids  # unseen characters fall back to bytes
+    assert tokenizer.add_tokens(["<image>"]) == 1 and tokenizer.add_tokens(["<image>"]) == 0
 
 
 def test_gpt2_tokenizer_matches_opt_conventions() -> None:

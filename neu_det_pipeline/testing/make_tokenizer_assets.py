@@ -1,9 +1,11 @@
-"""Writes the small byte-level BPE tokenizers committed under ``neu_det_pipeline/testing/assets``.
+"""Writes the small byte-level BPE tokenizer committed under ``neu_det_pipeline/testing/assets``: the tiny
+BLIP-2's OPT tokenizer (the real one, 50265 ids, is not available offline; the tiny CLIP models use the real
+CLIP tokenizer, see :mod:`neu_det_pipeline.captions.clip_tokens`).
 
-Both hold the full 256-symbol byte alphabet, so any text tokenises (falling back to single bytes),
-plus merges learned by plain BPE on a short list of words common in NEU-DET prompts and captions,
-so typical prompts stay far below CLIP's 77-token limit. The output is deterministic and a test
-regenerates it and compares bytes with the committed files, so edit this module, never the files:
+It holds the full 256-symbol byte alphabet, so any text tokenises (falling back to single bytes),
+plus merges learned by plain BPE on a short list of words common in NEU-DET prompts and captions.
+The output is deterministic and a test regenerates it and compares bytes with the committed files,
+so edit this module, never the files:
 
     python -m neu_det_pipeline.testing.make_tokenizer_assets [DIR]
 """
@@ -17,13 +19,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from neu_det_pipeline.captions.clip_tokens import bytes_to_unicode
+
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
-CLIP_TOKENIZER = "clip_tokenizer"
 GPT2_TOKENIZER = "gpt2_tokenizer"
 
-CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
-CLIP_MAX_LENGTH = 77
-CLIP_END_OF_WORD = "</w>"
 # OPT's layout: these four come first, "</s>" is both BOS and EOS (OPTConfig: pad 1, bos 2, eos 2).
 OPT_SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")
 
@@ -36,18 +36,6 @@ PROMPT_WORDS = (
     "crack", "cracks", "fine", "network", "spots", "spot", "irregular", "elongated", "line", "lines",
     "shallow", "deep", "small", "large", "rough", "smooth", "neu", "det",
 )  # fmt: skip
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from each byte to a printable character (printable bytes map to themselves)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    mapping = {byte: chr(byte) for byte in printable}
-    next_free = 256
-    for byte in range(256):
-        if byte not in mapping:
-            mapping[byte] = chr(next_free)
-            next_free += 1
-    return mapping
 
 
 def learn_bpe_merges(words: Iterable[list[str]]) -> list[tuple[str, str]]:
@@ -89,25 +77,6 @@ def _vocab(tokens: Iterable[str]) -> dict[str, int]:
     return vocab
 
 
-def clip_tokenizer_files() -> dict[str, Any]:
-    """CLIP layout: bytes, bytes + ``</w>`` (word ends), merged tokens, then BOS and EOS last."""
-    alphabet = list(bytes_to_unicode().values())
-    words = [[*symbols[:-1], symbols[-1] + CLIP_END_OF_WORD] for symbols in map(_byte_symbols, PROMPT_WORDS)]
-    merges = learn_bpe_merges(words)
-    word_ends = [symbol + CLIP_END_OF_WORD for symbol in alphabet]
-    vocab = _vocab([*alphabet, *word_ends, *(a + b for a, b in merges), CLIP_BOS, CLIP_EOS])
-    config = {
-        "tokenizer_class": "CLIPTokenizer",
-        "bos_token": CLIP_BOS,
-        "eos_token": CLIP_EOS,
-        "unk_token": CLIP_EOS,
-        "pad_token": CLIP_EOS,
-        # Without it model_max_length is "infinite" and padding="max_length" (as diffusers pads) breaks.
-        "model_max_length": CLIP_MAX_LENGTH,
-    }
-    return {"vocab.json": vocab, "merges.txt": merges, "tokenizer_config.json": config}
-
-
 def gpt2_tokenizer_files() -> dict[str, Any]:
     """OPT layout (GPT2Tokenizer): OPT's special tokens, bytes, then merged tokens; words carry GPT-2's
     leading-space symbol because they follow a space in captions."""
@@ -132,15 +101,14 @@ def _serialise(name: str, content: Any) -> str:
 
 
 def write_tokenizer_assets(assets_dir: str | Path = ASSETS_DIR) -> list[Path]:
-    """Write both tokenizer folders under ``assets_dir``; returns the files written."""
+    """Write the tokenizer folder under ``assets_dir``; returns the files written."""
+    target = Path(assets_dir) / GPT2_TOKENIZER
+    target.mkdir(parents=True, exist_ok=True)
     written = []
-    for folder, files in ((CLIP_TOKENIZER, clip_tokenizer_files()), (GPT2_TOKENIZER, gpt2_tokenizer_files())):
-        target = Path(assets_dir) / folder
-        target.mkdir(parents=True, exist_ok=True)
-        for name, content in files.items():
-            path = target / name
-            path.write_bytes(_serialise(name, content).encode("utf-8"))
-            written.append(path)
+    for name, content in gpt2_tokenizer_files().items():
+        path = target / name
+        path.write_bytes(_serialise(name, content).encode("utf-8"))
+        written.append(path)
     return written
 
 

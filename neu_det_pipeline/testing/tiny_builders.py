@@ -1,17 +1,29 @@
 """The tiny networks behind :mod:`neu_det_pipeline.testing.tiny_models`, one save function per model folder.
 
+Every tiny model is its real checkpoint's configuration (kept under ``real_configs/``, sources in
+``real_configs/SOURCES.md``) with only size fields changed: widths, depths, heads, vocabulary, image size, and
+dimensions that must follow them (cross-attention widths, SDXL's pooled-embedding input). :data:`SIZE_FIELDS`
+lists, per configuration kind, the only fields a tiny model may change; ``tests/test_tiny_models.py`` compares
+every tiny configuration with its real one and fails on any other difference, so tests walk the code
+branches the real models take (CLIP's `eos_token_id: 2` pooling, SDXL's `force_upcast` VAE, the second
+tokenizer's `!` padding, BLIP-2's newline end token, ...).
+
 Kept apart because importing diffusers, transformers and open_clip takes seconds, and a run whose
 tiny models already exist should not pay for it.
 """
 
 from __future__ import annotations
 
+import copy
 import json
-import logging
+import shutil
+import tempfile
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
@@ -20,6 +32,7 @@ from diffusers import (
     ControlNetModel,
     ControlNetUnionModel,
     EulerDiscreteScheduler,
+    ModelMixin,
     PNDMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
@@ -27,78 +40,167 @@ from diffusers import (
 )
 from safetensors.torch import save_file
 from transformers import (
+    AutoImageProcessor,
     AutoTokenizer,
     Blip2Config,
     Blip2ForConditionalGeneration,
     Blip2Processor,
-    Blip2QFormerConfig,
-    Blip2VisionConfig,
-    BlipImageProcessor,
     CLIPConfig,
-    CLIPImageProcessor,
     CLIPModel,
-    CLIPProcessor,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
-    CLIPVisionConfig,
     DepthAnythingConfig,
     DepthAnythingForDepthEstimation,
-    Dinov2Config,
     DINOv3ViTConfig,
-    DINOv3ViTImageProcessor,
     DINOv3ViTModel,
-    DPTImageProcessor,
-    OPTConfig,
 )
 
+from neu_det_pipeline.captions.clip_tokens import write_clip_vocabulary
 from neu_det_pipeline.models import quiet_library_progress
-from neu_det_pipeline.testing.make_tokenizer_assets import (
-    ASSETS_DIR,
-    CLIP_TOKENIZER,
-    GPT2_TOKENIZER,
-)
+from neu_det_pipeline.testing.make_tokenizer_assets import ASSETS_DIR, GPT2_TOKENIZER
 
-logger = logging.getLogger(__name__)
 quiet_library_progress()  # no "Writing model shards" bar per tiny model
 
+REAL_CONFIGS_DIR = Path(__file__).resolve().parent / "real_configs"
 
-# Shared by every tiny transformer (text encoders, ViTs, Q-Former, OPT); head dim 8.
-TINY_TRANSFORMER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-OPENAI_CLIP_MEAN, OPENAI_CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+# ------------------------------------------------------------------------- what a tiny model may change
 
-# The noise schedules of the real checkpoints; only the networks are shrunk.
-SD15_SCHEDULER = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
+
+def _nested(prefix: str, fields: frozenset[str]) -> frozenset[str]:
+    return frozenset(f"{prefix}.{field}" for field in fields)
+
+
+_TRANSFORMER = frozenset({"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"})
+_CLIP_TEXT = _TRANSFORMER | {"projection_dim"}  # vocab_size and max_position_embeddings stay: the real tokenizer
+_VIT = _TRANSFORMER | {"image_size"}
+_UNET_WIDTHS = frozenset({
+    "block_out_channels", "layers_per_block", "attention_head_dim", "transformer_layers_per_block",
+    # Cross-attention reads the text encoders' (tiny) hidden states; SDXL's added embedding reads its time
+    # embedding width and the pooled text embedding, so both follow the tiny widths.
+    "cross_attention_dim", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
+})  # fmt: skip
+
+SIZE_FIELDS: dict[str, frozenset[str]] = {
+    "unet": _UNET_WIDTHS | {"sample_size"},
+    # The VAE keeps its block type but has 2 blocks (scale factor 2) instead of 4, so 64 px images have 32 px latents.
+    "vae": frozenset({"block_out_channels", "down_block_types", "up_block_types", "layers_per_block", "sample_size"}),
+    # As many conditioning-embedding stages as the tiny VAE has blocks (the control image meets the latents).
+    "controlnet": _UNET_WIDTHS | {"conditioning_embedding_out_channels"},
+    # The union ControlNet's control-type transformer is as wide as the first UNet block.
+    "controlnet_union": _UNET_WIDTHS | {"conditioning_embedding_out_channels", "num_trans_channel", "num_proj_channel"},
+    "clip_text": _CLIP_TEXT,
+    "clip": frozenset({"projection_dim"}) | _nested("text_config", _CLIP_TEXT) | _nested("vision_config", _VIT | {"projection_dim"}),
+    "blip2": (
+        _nested("vision_config", _VIT)
+        | _nested("qformer_config", _TRANSFORMER | {"encoder_hidden_size"})
+        # The OPT vocabulary is a small byte-level stand-in (no OPT tokenizer offline), so the ids that name
+        # tokens in it (end token = newline, `<image>`) move with it.
+        | _nested("text_config", {"hidden_size", "ffn_dim", "num_hidden_layers", "num_attention_heads",
+                                  "word_embed_proj_dim", "vocab_size", "eos_token_id"})
+        | {"image_token_index"}
+    ),  # fmt: skip
+    "dinov3": frozenset({"hidden_size", "intermediate_size", "num_attention_heads", "image_size"}),
+    "depth_anything": (
+        _nested("backbone_config", {"hidden_size", "num_attention_heads", "image_size"})
+        | {"reassemble_hidden_size", "neck_hidden_sizes", "fusion_hidden_size", "head_hidden_size"}
+    ),
+    "image_processor": frozenset({"size", "crop_size"}),
 }
-SDXL_SCHEDULER = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-}
-SD15_VAE_SCALING, SDXL_VAE_SCALING = 0.18215, 0.13025
+"""Configuration kind -> the size fields a tiny model may change (dotted paths inside nested configs)."""
+
+METADATA_FIELDS = frozenset({
+    "_name_or_path", "_diffusers_version", "transformers_version", "torch_dtype", "dtype", "_commit_hash",
+    "processor_class",
+})  # fmt: skip
+"""Fields that record where and how a file was written, not what the model is: never compared."""
+
+
+@dataclass(frozen=True)
+class DerivedConfig:
+    """One configuration file of a tiny model and the real file it is derived from."""
+
+    tiny_model: str
+    """Folder under the tiny-model root (a :data:`~neu_det_pipeline.testing.tiny_models.TINY_MODEL_NAMES` entry)."""
+    file: str
+    """Path inside the tiny model's folder."""
+    real: str
+    """Path under :data:`REAL_CONFIGS_DIR`."""
+    kind: str
+    """:data:`SIZE_FIELDS` key."""
+
+
+def _pipeline_files(tiny_model: str, real: str, text_encoders: tuple[str, ...]) -> list[DerivedConfig]:
+    files = [DerivedConfig(tiny_model, "unet/config.json", f"{real}/unet/config.json", "unet"),
+             DerivedConfig(tiny_model, "vae/config.json", f"{real}/vae/config.json", "vae")]
+    files += [DerivedConfig(tiny_model, f"{name}/config.json", f"{real}/{name}/config.json", "clip_text") for name in text_encoders]
+    return files
+
+
+DERIVED_CONFIGS: list[DerivedConfig] = [
+    *_pipeline_files("sd15", "sd15", ("text_encoder",)),
+    *_pipeline_files("sdxl", "sdxl", ("text_encoder", "text_encoder_2")),
+    DerivedConfig("controlnet-sd15-softedge", "config.json", "controlnet-sd15-softedge/config.json", "controlnet"),
+    DerivedConfig("controlnet-sd15-depth", "config.json", "controlnet-sd15-depth/config.json", "controlnet"),
+    DerivedConfig("controlnet-sd15-normal", "config.json", "controlnet-sd15-normal/config.json", "controlnet"),
+    # The SDXL soft-edge stand-in has the diffusers SDXL ControlNet architecture (see SOURCES.md).
+    DerivedConfig("controlnet-sdxl-softedge", "config.json", "controlnet-sdxl-canny/config.json", "controlnet"),
+    DerivedConfig("controlnet-sdxl-depth", "config.json", "controlnet-sdxl-depth/config.json", "controlnet"),
+    DerivedConfig("controlnet-sdxl-union", "config.json", "controlnet-sdxl-union/config.json", "controlnet_union"),
+    DerivedConfig("clip", "config.json", "clip/config.json", "clip"),
+    DerivedConfig("clip", "preprocessor_config.json", "clip/preprocessor_config.json", "image_processor"),
+    DerivedConfig("blip2", "config.json", "blip2/config.json", "blip2"),
+    DerivedConfig("blip2", "preprocessor_config.json", "blip2/preprocessor_config.json", "image_processor"),
+    DerivedConfig("dinov3", "config.json", "dinov3/config.json", "dinov3"),
+    DerivedConfig("dinov3", "preprocessor_config.json", "dinov3/preprocessor_config.json", "image_processor"),
+    DerivedConfig("depth", "config.json", "depth/config.json", "depth_anything"),
+    DerivedConfig("depth", "preprocessor_config.json", "depth/preprocessor_config.json", "image_processor"),
+]
+"""Every tiny configuration file and its real counterpart, for the difference test."""
+
+# ------------------------------------------------------------------------------------ size overrides
+
+TEXT_WIDTH = 32
+TINY_TEXT = {"hidden_size": TEXT_WIDTH, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "projection_dim": TEXT_WIDTH}  # fmt: skip
+"""CLIP text encoders: head dim 8; the vocabulary stays CLIP's 49408 ids (the real tokenizer)."""
+TINY_VIT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+
+SD15_UNET = {"block_out_channels": [32, 32, 64, 64], "layers_per_block": 1, "cross_attention_dim": TEXT_WIDTH}
 SDXL_TIME_EMBED_DIM = 8
-SDXL_POOLED_DIM = 32  # text_encoder_2 projection_dim
-# The conditioning embedding downsamples once per entry but the last; the VAE has 2 blocks -> factor 2.
-CONTROLNET_CONDITIONING_CHANNELS = (16, 32)
+SDXL_UNET = {
+    "block_out_channels": [32, 64, 64],
+    "layers_per_block": 1,
+    "attention_head_dim": [2, 4, 8],
+    "transformer_layers_per_block": [1, 1, 2],  # the last block and the mid block stack two transformer layers
+    # Prompt embeddings are both text encoders' hidden states concatenated.
+    "cross_attention_dim": 2 * TEXT_WIDTH,
+    "addition_time_embed_dim": SDXL_TIME_EMBED_DIM,
+    # Six micro-conditioning numbers (original size, crop, target size) + text_encoder_2's pooled projection.
+    "projection_class_embeddings_input_dim": 6 * SDXL_TIME_EMBED_DIM + TEXT_WIDTH,
+}
+UNET_SAMPLE_SIZE = 32
+VAE = {"block_out_channels": [32, 64], "down_block_types": ["DownEncoderBlock2D"] * 2,
+       "up_block_types": ["UpDecoderBlock2D"] * 2, "layers_per_block": 1, "sample_size": 64}  # fmt: skip
+# One entry per VAE block: the conditioning embedding downsamples once per entry but the last -> factor 2.
+CONTROLNET_CONDITIONING_CHANNELS = [16, 32]
 
-CLIP_IMAGE_SIZE = 32
-BLIP2_IMAGE_SIZE, BLIP2_QUERY_TOKENS = 32, 4
-DINOV3_IMAGE_SIZE, DINOV3_REGISTER_TOKENS = 64, 4
+CLIP_IMAGE_SIZE = 56  # 4 x 4 patches of CLIP ViT-L/14's 14 px
+CLIP_PROJECTION = 16
+BLIP2_IMAGE_SIZE = 56  # 4 x 4 patches of 14 px
+DINOV3_IMAGE_SIZE = 64  # 4 x 4 patches of 16 px
+DINOV3 = {"hidden_size": 32, "intermediate_size": 128, "num_attention_heads": 4, "image_size": DINOV3_IMAGE_SIZE}
 DEPTH_IMAGE_SIZE = 56  # 4 x 4 patches of 14 px
+DEPTH = {
+    "backbone_config": {"hidden_size": 32, "num_attention_heads": 4, "image_size": DEPTH_IMAGE_SIZE},
+    "reassemble_hidden_size": 32,
+    "neck_hidden_sizes": [8, 16, 32, 64],
+    "fusion_hidden_size": 16,
+    "head_hidden_size": 8,
+}
+
+OPENAI_CLIP_MEAN, OPENAI_CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 OPEN_CLIP_CONFIG = {
     "model_cfg": {
         "embed_dim": 16,
@@ -110,115 +212,125 @@ OPEN_CLIP_CONFIG = {
 }
 
 
-# ----------------------------------------------------------------------------------- components
+def real_config(path: str) -> dict[str, Any]:
+    return json.loads((REAL_CONFIGS_DIR / path).read_text(encoding="utf-8"))
 
 
-def _clip_tokenizer() -> CLIPTokenizer:
-    return CLIPTokenizer.from_pretrained(ASSETS_DIR / CLIP_TOKENIZER)
+def derived_config(path: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The real configuration at `path` with `overrides` applied (nested configs are updated key by key)."""
+    return _merged(real_config(path), overrides)
 
 
-def _clip_text_config(tokenizer: CLIPTokenizer, **overrides: int) -> CLIPTextConfig:
-    return CLIPTextConfig(
-        **TINY_TRANSFORMER,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=tokenizer.model_max_length,
-        # The special ids of the hub's SD 1.5 / SDXL text-encoder configs: with eos_token_id=2 transformers pools at
-        # the highest token id of a prompt (the pipeline must point it at the real EOS, see `pool_at_eos`).
-        bos_token_id=0,
-        eos_token_id=2,
-        pad_token_id=1,
-        **overrides,
-    )
+def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
-def _tiny_vae(seed: int, scaling_factor: float) -> AutoencoderKL:
+def _write_json(path: Path, content: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------- components
+
+
+def _seeded(build: Callable[[], Any], seed: int) -> Any:
     torch.manual_seed(seed)
-    return AutoencoderKL(
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        sample_size=64,
-        scaling_factor=scaling_factor,
-    )
+    return build()
 
 
-def _sd15_unet(seed: int) -> UNet2DConditionModel:
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=32,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        # SD 1.5 order: attention in the high-resolution blocks, none in the lowest one.
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=TINY_TRANSFORMER["hidden_size"],
-        attention_head_dim=4,
-    )
+def _write_clip_tokenizer(folder: Path, real_tokenizer: str) -> None:
+    """The real CLIP tokenizer in hub layout: open_clip's BPE vocabulary as vocab.json + merges.txt, and the real
+    folder's tokenizer_config.json (and special_tokens_map.json where the hub has one)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_clip_vocabulary(folder)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (REAL_CONFIGS_DIR / real_tokenizer / name).is_file():
+            shutil.copyfile(REAL_CONFIGS_DIR / real_tokenizer / name, folder / name)
 
 
-SDXL_UNET_BLOCKS = {
-    "block_out_channels": (32, 64),
-    "layers_per_block": 1,
-    # SDXL order: no attention in the highest-resolution block.
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-    "transformer_layers_per_block": (1, 2),
-    "attention_head_dim": (2, 4),
-    "use_linear_projection": True,
-    # Prompt embeddings are both text encoders' hidden states concatenated.
-    "cross_attention_dim": 2 * TINY_TRANSFORMER["hidden_size"],
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": SDXL_TIME_EMBED_DIM,
-    # Six micro-conditioning numbers (original size, crop, target size) + the pooled text embedding.
-    "projection_class_embeddings_input_dim": 6 * SDXL_TIME_EMBED_DIM + SDXL_POOLED_DIM,
-}
-"""The SDXL UNet's down path, shared by the tiny SDXL UNet and the ControlNets built to match it."""
+def _clip_tokenizer(real_tokenizer: str) -> CLIPTokenizer:
+    with tempfile.TemporaryDirectory() as folder:
+        _write_clip_tokenizer(Path(folder), real_tokenizer)
+        return CLIPTokenizer.from_pretrained(folder)
 
 
-def _sdxl_unet(seed: int) -> UNet2DConditionModel:
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(sample_size=32, up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), **SDXL_UNET_BLOCKS)
+def _clip_text_config(real: str) -> CLIPTextConfig:
+    # SDXL's files say float16 (the weights on the hub are float32), and transformers builds some submodules
+    # in the config's dtype: the tiny weights are float32 like the hub's.
+    return CLIPTextConfig.from_dict(derived_config(real, {**TINY_TEXT, "torch_dtype": "float32"}))
 
 
-def _seeded_clip_text_model(
-    model_class: type[CLIPTextModel] | type[CLIPTextModelWithProjection], config: CLIPTextConfig, seed: int
-) -> CLIPTextModel | CLIPTextModelWithProjection:
-    torch.manual_seed(seed)
-    return model_class(config)
+def _vae(real: str, seed: int) -> AutoencoderKL:
+    return _seeded(lambda: AutoencoderKL.from_config(derived_config(real, VAE)), seed)
 
 
-# ------------------------------------------------------------------------------------- builders
+def _unet(real: str, overrides: dict[str, Any], seed: int) -> UNet2DConditionModel:
+    config = derived_config(real, {**overrides, "sample_size": UNET_SAMPLE_SIZE})
+    return _seeded(lambda: UNet2DConditionModel.from_config(config), seed)
+
+
+_sd15_unet = partial(_unet, "sd15/unet/config.json", SD15_UNET)
+_sdxl_unet = partial(_unet, "sdxl/unet/config.json", SDXL_UNET)
+
+
+# ------------------------------------------------------------------------------------------- builders
+
+
+def _save_pipeline(pipeline: Any, folder: Path, tokenizers: dict[str, str]) -> None:
+    """`save_pretrained`, then the tokenizer folders as on the hub (vocab.json, merges.txt and the real
+    tokenizer_config.json rather than transformers' tokenizer.json), so loading converts them as it does there."""
+    pipeline.save_pretrained(folder)
+    for name, real in tokenizers.items():
+        shutil.rmtree(folder / name)
+        _write_clip_tokenizer(folder / name, real)
 
 
 def _save_sd15(folder: Path, seed: int) -> None:
-    tokenizer = _clip_tokenizer()
+    tokenizer = _clip_tokenizer("sd15/tokenizer")
+    text_config = _clip_text_config("sd15/text_encoder/config.json")
     pipeline = StableDiffusionPipeline(
         unet=_sd15_unet(seed),
-        vae=_tiny_vae(seed, SD15_VAE_SCALING),
-        text_encoder=_seeded_clip_text_model(CLIPTextModel, _clip_text_config(tokenizer), seed),
+        vae=_vae("sd15/vae/config.json", seed),
+        text_encoder=_seeded(lambda: CLIPTextModel(text_config), seed),
         tokenizer=tokenizer,
-        scheduler=PNDMScheduler(**SD15_SCHEDULER),
+        scheduler=PNDMScheduler.from_config(real_config("sd15/scheduler/scheduler_config.json")),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipeline.save_pretrained(folder)
+    _save_pipeline(pipeline, folder, {"tokenizer": "sd15/tokenizer"})
 
 
 def _save_sdxl(folder: Path, seed: int) -> None:
-    tokenizer = _clip_tokenizer()
+    tokenizer = _clip_tokenizer("sdxl/tokenizer")
+    tokenizer_2 = _clip_tokenizer("sdxl/tokenizer_2")  # pads with "!", as on the hub
+    text_config = _clip_text_config("sdxl/text_encoder/config.json")
+    text_config_2 = _clip_text_config("sdxl/text_encoder_2/config.json")
     pipeline = StableDiffusionXLPipeline(
         unet=_sdxl_unet(seed),
-        vae=_tiny_vae(seed, SDXL_VAE_SCALING),
-        text_encoder=_seeded_clip_text_model(CLIPTextModel, _clip_text_config(tokenizer), seed),
-        text_encoder_2=_seeded_clip_text_model(
-            CLIPTextModelWithProjection, _clip_text_config(tokenizer, projection_dim=SDXL_POOLED_DIM), seed
-        ),
+        vae=_vae("sdxl/vae/config.json", seed),
+        text_encoder=_seeded(lambda: CLIPTextModel(text_config), seed),
+        text_encoder_2=_seeded(lambda: CLIPTextModelWithProjection(text_config_2), seed),
         tokenizer=tokenizer,
-        tokenizer_2=tokenizer,
-        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
+        tokenizer_2=tokenizer_2,
+        scheduler=EulerDiscreteScheduler.from_config(real_config("sdxl/scheduler/scheduler_config.json")),
     )
-    pipeline.save_pretrained(folder)
+    _save_pipeline(pipeline, folder, {"tokenizer": "sdxl/tokenizer", "tokenizer_2": "sdxl/tokenizer_2"})
+
+
+def _copy_unet_weights(controlnet: ModelMixin, unet: UNet2DConditionModel) -> None:
+    """What `ControlNetModel.from_unet` copies: a ControlNet starts as its UNet's encoder half."""
+    for name in ("conv_in", "time_proj", "time_embedding", "add_embedding"):
+        if hasattr(controlnet, name):
+            getattr(controlnet, name).load_state_dict(getattr(unet, name).state_dict())
+    controlnet.down_blocks.load_state_dict(unet.down_blocks.state_dict(), strict=False)
+    controlnet.mid_block.load_state_dict(unet.mid_block.state_dict(), strict=False)
 
 
 def _randomise_zero_outputs(layers: list[torch.nn.Module], seed: int) -> None:
@@ -229,29 +341,31 @@ def _randomise_zero_outputs(layers: list[torch.nn.Module], seed: int) -> None:
         torch.nn.init.normal_(layer.weight, std=0.1, generator=generator)
 
 
-def _save_controlnet(folder: Path, seed: int, base_unet: Callable[[int], UNet2DConditionModel], control: str) -> None:
-    unet = base_unet(seed)
-    torch.manual_seed(seed)
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CONTROLNET_CONDITIONING_CHANNELS)
-    zero_layers = [controlnet.controlnet_cond_embedding.conv_out, *controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
-    _randomise_zero_outputs(zero_layers, seed + zlib.crc32(control.encode()))
-    controlnet.save_pretrained(folder)
+def _zero_layers(controlnet: ModelMixin) -> list[torch.nn.Module]:
+    layers = [controlnet.controlnet_cond_embedding.conv_out, *controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
+    return [*layers, controlnet.spatial_ch_projs] if isinstance(controlnet, ControlNetUnionModel) else layers
 
 
-def _save_controlnet_union(folder: Path, seed: int) -> None:
-    """An SDXL union ControlNet (xinsir/controlnet-union-sdxl-1.0 layout): one model, a control-type embedding."""
-    torch.manual_seed(seed)
-    width = SDXL_UNET_BLOCKS["block_out_channels"][0]
-    controlnet = ControlNetUnionModel(
-        **SDXL_UNET_BLOCKS, conditioning_embedding_out_channels=CONTROLNET_CONDITIONING_CHANNELS,
-        num_trans_channel=width, num_proj_channel=width, num_trans_head=2,
-    )
-    zero_layers = [
-        controlnet.controlnet_cond_embedding.conv_out, *controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
-        controlnet.spatial_ch_projs,
-    ]
-    _randomise_zero_outputs(zero_layers, seed + zlib.crc32(b"union"))
+def _save_controlnet(
+    folder: Path,
+    seed: int,
+    real: str,
+    unet_overrides: dict[str, Any],
+    base_unet: Callable[[int], UNet2DConditionModel],
+    control: str,
+    model_class: type[ModelMixin] = ControlNetModel,
+    extra_overrides: dict[str, Any] | None = None,
+) -> None:
+    overrides = {**unet_overrides, "conditioning_embedding_out_channels": CONTROLNET_CONDITIONING_CHANNELS, **(extra_overrides or {})}
+    config = derived_config(real, overrides)
+    controlnet = _seeded(lambda: model_class.from_config(config), seed)
+    _copy_unet_weights(controlnet, base_unet(seed))
+    _randomise_zero_outputs(_zero_layers(controlnet), seed + zlib.crc32(control.encode()))
     controlnet.save_pretrained(folder)
+    # xinsir's union files name ControlNetModel (written before diffusers had ControlNetUnionModel); keep the
+    # hub's class name, which ControlNetUnionModel.from_pretrained ignores.
+    saved = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    _write_json(folder / "config.json", {**saved, "_class_name": real_config(real)["_class_name"]})
 
 
 def _save_annotators(folder: Path, seed: int) -> None:
@@ -266,50 +380,49 @@ def _save_annotators(folder: Path, seed: int) -> None:
     torch.save({"state_dict": network.state_dict()}, folder / "table5_pidinet.pth")
 
 
+def _save_image_processor(folder: Path, real: str, size: int) -> None:
+    """The real preprocessor_config.json at the tiny image size (in the file's own format: int or height/width)."""
+    content = real_config(real)
+    for key in SIZE_FIELDS["image_processor"]:
+        if isinstance(content.get(key), dict):
+            content[key] = {axis: size for axis in content[key]}
+        elif content.get(key) is not None:
+            content[key] = size
+    _write_json(folder / "preprocessor_config.json", content)
+
+
 def _save_clip(folder: Path, seed: int) -> None:
-    tokenizer = _clip_tokenizer()
-    config = CLIPConfig(
-        text_config=_clip_text_config(tokenizer).to_dict(),
-        vision_config=CLIPVisionConfig(**TINY_TRANSFORMER, image_size=CLIP_IMAGE_SIZE, patch_size=8).to_dict(),
-        projection_dim=16,
-    )
-    torch.manual_seed(seed)
-    CLIPModel(config).save_pretrained(folder)
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": CLIP_IMAGE_SIZE}, crop_size={"height": CLIP_IMAGE_SIZE, "width": CLIP_IMAGE_SIZE}
-    )
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    tiny_vision = {**TINY_VIT, "image_size": CLIP_IMAGE_SIZE}
+    config = derived_config("clip/config.json", {
+        "projection_dim": CLIP_PROJECTION, "text_config": TINY_TEXT, "vision_config": tiny_vision,
+        # The hub file repeats the sizes in legacy `*_config_dict` entries, which transformers reads instead of
+        # `*_config` (so CLIP ViT-L/14 loads with CLIPTextConfig's default eos_token_id 49407, not the file's 2).
+        "text_config_dict": TINY_VIT, "vision_config_dict": tiny_vision,
+    })  # fmt: skip
+    _seeded(lambda: CLIPModel(CLIPConfig.from_dict(config)), seed).save_pretrained(folder)
+    _write_clip_tokenizer(folder, "clip")
+    _save_image_processor(folder, "clip/preprocessor_config.json", CLIP_IMAGE_SIZE)
 
 
 def _save_blip2(folder: Path, seed: int) -> None:
+    _save_image_processor(folder, "blip2/preprocessor_config.json", BLIP2_IMAGE_SIZE)
     processor = Blip2Processor(
-        image_processor=BlipImageProcessor(size={"height": BLIP2_IMAGE_SIZE, "width": BLIP2_IMAGE_SIZE}),
+        image_processor=AutoImageProcessor.from_pretrained(folder),
         tokenizer=AutoTokenizer.from_pretrained(ASSETS_DIR / GPT2_TOKENIZER),
-        num_query_tokens=BLIP2_QUERY_TOKENS,
+        num_query_tokens=real_config("blip2/processor_config.json")["num_query_tokens"],
     )
     tokenizer = processor.tokenizer  # now holds the "<image>" token the processor adds
-    hidden_size = TINY_TRANSFORMER["hidden_size"]
-    config = Blip2Config(
-        vision_config=Blip2VisionConfig(**TINY_TRANSFORMER, image_size=BLIP2_IMAGE_SIZE, patch_size=8).to_dict(),
-        qformer_config=Blip2QFormerConfig(
-            **TINY_TRANSFORMER, encoder_hidden_size=hidden_size, cross_attention_frequency=1
-        ).to_dict(),
-        text_config=OPTConfig(
-            hidden_size=hidden_size,
-            ffn_dim=TINY_TRANSFORMER["intermediate_size"],
-            num_hidden_layers=TINY_TRANSFORMER["num_hidden_layers"],
-            num_attention_heads=TINY_TRANSFORMER["num_attention_heads"],
-            word_embed_proj_dim=hidden_size,
-            vocab_size=len(tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        ).to_dict(),
-        num_query_tokens=BLIP2_QUERY_TOKENS,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-    )
-    torch.manual_seed(seed)
-    Blip2ForConditionalGeneration(config).save_pretrained(folder)
+    newline = tokenizer.convert_tokens_to_ids("Ċ")  # byte-level "\n": OPT-2.7b's end token in BLIP-2 (50118)
+    config = derived_config("blip2/config.json", {
+        "vision_config": {**TINY_VIT, "image_size": BLIP2_IMAGE_SIZE},
+        "qformer_config": {**TINY_VIT, "encoder_hidden_size": TINY_VIT["hidden_size"]},
+        "text_config": {
+            "hidden_size": 32, "ffn_dim": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "word_embed_proj_dim": 32,
+            "vocab_size": len(tokenizer), "eos_token_id": newline,
+        },
+        "image_token_index": tokenizer.convert_tokens_to_ids("<image>"),
+    })  # fmt: skip
+    _seeded(lambda: Blip2ForConditionalGeneration(Blip2Config.from_dict(config)), seed).save_pretrained(folder)
     processor.save_pretrained(folder)
 
 
@@ -322,74 +435,53 @@ def _save_open_clip(folder: Path, seed: int) -> None:
 
 
 def _save_dinov3(folder: Path, seed: int) -> None:
-    config = DINOv3ViTConfig(
-        **TINY_TRANSFORMER, patch_size=16, image_size=DINOV3_IMAGE_SIZE, num_register_tokens=DINOV3_REGISTER_TOKENS
-    )
-    torch.manual_seed(seed)
-    DINOv3ViTModel(config).save_pretrained(folder)
-    DINOv3ViTImageProcessor(size={"height": DINOV3_IMAGE_SIZE, "width": DINOV3_IMAGE_SIZE}).save_pretrained(folder)
+    config = DINOv3ViTConfig.from_dict(derived_config("dinov3/config.json", DINOV3))
+    _seeded(lambda: DINOv3ViTModel(config), seed).save_pretrained(folder)
+    _save_image_processor(folder, "dinov3/preprocessor_config.json", DINOV3_IMAGE_SIZE)
+
+
+DINOV3_TIMM_SIZES = {"embed_dim": 32, "depth": 2, "num_heads": 4, "img_size": DINOV3_IMAGE_SIZE}
+"""The only `timm.create_model` arguments the tiny timm DINOv3 changes: its architecture name (and so every other
+setting: rotary embeddings, 4 registers, layer scale, SwiGLU-free MLP) comes from the real config.json."""
 
 
 def _save_dinov3_timm(folder: Path, seed: int) -> None:
-    """timm's DINOv3 ViT-S/16 architecture, only its sizes shrunk, saved by timm's own `save_for_hf` (config.json
-    with `architecture` + model.safetensors), the layout of `timm/vit_small_patch16_dinov3.lvd1689m`."""
+    """`timm/vit_small_patch16_dinov3.lvd1689m`: its real config's architecture with only the sizes shrunk, saved by
+    timm's own `save_for_hf` (config.json with `architecture` + model.safetensors), the hub repo's layout."""
     import timm
     from timm.models import save_for_hf
 
-    torch.manual_seed(seed)
-    model = timm.create_model(
-        "vit_small_patch16_dinov3",
-        pretrained=False,
-        num_classes=0,
-        embed_dim=TINY_TRANSFORMER["hidden_size"],
-        depth=TINY_TRANSFORMER["num_hidden_layers"],
-        num_heads=TINY_TRANSFORMER["num_attention_heads"],
-        img_size=DINOV3_IMAGE_SIZE,
-    )
-    save_for_hf(model, folder, safe_serialization=True, data_config={"input_size": (3, DINOV3_IMAGE_SIZE, DINOV3_IMAGE_SIZE)})
+    real = real_config("dinov3-timm/config.json")
+    model = _seeded(lambda: timm.create_model(real["architecture"], pretrained=False, num_classes=real["num_classes"], **DINOV3_TIMM_SIZES), seed)
+    side = DINOV3_TIMM_SIZES["img_size"]
+    save_for_hf(model, folder, safe_serialization=True, data_config={"input_size": (3, side, side)})
 
 
 def _save_depth(folder: Path, seed: int) -> None:
-    # Four backbone stages at four scales, like Depth Anything V2; the neck fuses them coarse to fine.
-    backbone = Dinov2Config(
-        **{**TINY_TRANSFORMER, "num_hidden_layers": 4},
-        image_size=DEPTH_IMAGE_SIZE,
-        patch_size=14,
-        out_indices=[1, 2, 3, 4],
-        reshape_hidden_states=False,
-    )
-    config = DepthAnythingConfig(
-        backbone_config=backbone,
-        patch_size=14,
-        reassemble_hidden_size=TINY_TRANSFORMER["hidden_size"],
-        reassemble_factors=[4, 2, 1, 0.5],
-        neck_hidden_sizes=[8, 16, 32, 64],
-        fusion_hidden_size=16,
-        head_hidden_size=8,
-    )
-    torch.manual_seed(seed)
-    DepthAnythingForDepthEstimation(config).save_pretrained(folder)
-    DPTImageProcessor(
-        size={"height": DEPTH_IMAGE_SIZE, "width": DEPTH_IMAGE_SIZE},
-        keep_aspect_ratio=True,
-        ensure_multiple_of=14,
-        image_mean=IMAGENET_MEAN,
-        image_std=IMAGENET_STD,
-    ).save_pretrained(folder)
+    config = DepthAnythingConfig.from_dict(derived_config("depth/config.json", DEPTH))
+    _seeded(lambda: DepthAnythingForDepthEstimation(config), seed).save_pretrained(folder)
+    _save_image_processor(folder, "depth/preprocessor_config.json", DEPTH_IMAGE_SIZE)
 
+
+_sd15_controlnet = partial(_save_controlnet, unet_overrides=SD15_UNET, base_unet=_sd15_unet)
+_sdxl_controlnet = partial(_save_controlnet, unet_overrides=SDXL_UNET, base_unet=_sdxl_unet)
+_REAL_FILE = {config.tiny_model: config.real for config in DERIVED_CONFIGS if config.file == "config.json"}
 
 BUILDERS: dict[str, Callable[[Path, int], None]] = {
     "sd15": _save_sd15,
     "sdxl": _save_sdxl,
     **{
-        f"controlnet-sd15-{control}": partial(_save_controlnet, base_unet=_sd15_unet, control=control)
+        f"controlnet-sd15-{control}": partial(_sd15_controlnet, real=_REAL_FILE[f"controlnet-sd15-{control}"], control=control)
         for control in ("softedge", "depth", "normal")
     },
     **{
-        f"controlnet-sdxl-{control}": partial(_save_controlnet, base_unet=_sdxl_unet, control=control)
+        f"controlnet-sdxl-{control}": partial(_sdxl_controlnet, real=_REAL_FILE[f"controlnet-sdxl-{control}"], control=control)
         for control in ("softedge", "depth")
     },
-    "controlnet-sdxl-union": _save_controlnet_union,
+    "controlnet-sdxl-union": partial(
+        _sdxl_controlnet, real=_REAL_FILE["controlnet-sdxl-union"], control="union", model_class=ControlNetUnionModel,
+        extra_overrides={"num_trans_channel": SDXL_UNET["block_out_channels"][0], "num_proj_channel": SDXL_UNET["block_out_channels"][0]},
+    ),
     "annotators": _save_annotators,
     "clip": _save_clip,
     "blip2": _save_blip2,

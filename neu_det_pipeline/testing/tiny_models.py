@@ -7,7 +7,8 @@ pipeline loads a folder from here through exactly the code it uses for a hub id:
                            StableDiffusionControlNetPipeline.from_pretrained(folder, controlnet=[...])
     sdxl                   StableDiffusionXLPipeline folder (two text encoders), also for the ControlNet variant
     controlnet-sd15-*      ControlNetModel matching sd15: softedge, depth, normal
-    controlnet-sdxl-*      ControlNetModel matching sdxl: softedge, depth; ControlNetUnionModel: union
+    controlnet-sdxl-*      ControlNetModel matching sdxl: softedge, depth (the diffusers SDXL ControlNet
+                           architecture); ControlNetUnionModel: union (xinsir's, 6 control types)
     annotators             controlnet_aux annotator weights (lllyasviel/Annotators file names): PiDiNet
     clip                   CLIPModel + CLIPProcessor
     blip2                  Blip2ForConditionalGeneration (OPT language model) + Blip2Processor
@@ -21,9 +22,15 @@ pipeline loads a folder from here through exactly the code it uses for a hub id:
     depth                  AutoModelForDepthEstimation (Depth Anything) + AutoImageProcessor,
                            also pipeline("depth-estimation", model=folder)
 
-Images are 64 px for the diffusion models (UNet sample 32, VAE scale factor 2). Components are
-built from constructor arguments with ``torch.manual_seed(seed)`` before each one, as in the
-diffusers and transformers test suites, so a seed gives byte-identical weights.
+Each model is its real checkpoint's configuration (``neu_det_pipeline/testing/real_configs``, sources in
+its SOURCES.md) with only size fields changed (``tiny_builders.SIZE_FIELDS``, checked by
+``tests/test_tiny_models.py``), so the tiny models take the real models' code paths: SD 1.5's four UNet
+blocks, SDXL's three with `text_time` embeddings, the text encoders' `eos_token_id: 2`, the real CLIP
+tokenizer (49408 ids, 77 positions; SDXL's second one pads with `!`), DINOv3's 4 register tokens and
+BLIP-2's 32 query tokens. Images are 64 px for the diffusion models (UNet sample 32, VAE scale factor 2:
+the VAE keeps 2 of its 4 blocks), 56 px for CLIP, BLIP-2 and Depth Anything (4 x 4 patches of 14 px)
+and 64 px for DINOv3 (4 x 4 patches of 16 px). Components are built with ``torch.manual_seed(seed)``
+before each one, as in the diffusers and transformers test suites, so a seed gives byte-identical weights.
 """
 
 from __future__ import annotations
