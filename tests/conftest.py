@@ -12,6 +12,9 @@ import sys
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["YOLO_OFFLINE"] = "1"
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # `pytest -n 2` on 2 cores: one thread per worker (and per process it starts), or the workers contend.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
