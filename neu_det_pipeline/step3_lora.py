@@ -7,12 +7,9 @@ Several processes train data-parallel (`accelerate launch --multi_gpu --num_proc
 `ACCELERATE_USE_CPU=true` for gloo ranks). An interrupted run continues from its newest checkpoint with
 the same command plus `lora.resume=latest` (the losses are the ones an uninterrupted run gives).
 
-Memory, speed and precision (as in Step 1): `lora.gradient_checkpointing=true` recomputes
-activations in the backward pass (the UNet, and each text encoder that gradients pass through), which SDXL at
-1024 px needs; `lora.num_workers` loads images in worker processes. Neither changes the result, so both
-may change on resume. Under mixed precision the VAE encodes and decodes outside autocast in its own dtype (fp32
-for SDXL), and the LR schedule does not advance on a step the fp16 grad scaler skipped. A checkpoint written on
-one device resumes on another.
+Memory, speed and precision work as in Step 1 (see its docstring): `lora.gradient_checkpointing=true` and
+`lora.num_workers` do not change the result and may change on resume; the VAE runs outside autocast; the LR
+schedule waits for steps the fp16 grad scaler skipped; a checkpoint resumes on another device.
 
 Outputs in `<run.output_dir>/step3_lora/`:
     pytorch_lora_weights.safetensors   diffusers format with the adapter configs as metadata:
