@@ -3,7 +3,7 @@
     python -m neu_det_pipeline.<step> --config PATH [key=value ...]
     neu-det run-all --config PATH [--from STEP | --only STEP[,STEP]] [--force STEP[,STEP]] [key=value ...]
     neu-det list-steps
-    neu-det doctor [--config PATH] [key=value ...]
+    neu-det doctor [--config PATH [--online]] [key=value ...]
     neu-det show-config --config PATH [--key DOTTED.KEY] [key=value ...]
     neu-det reuse --config PATH RUN_DIR [RUN_DIR ...] [key=value ...]
     neu-det tiny-models DIR
@@ -103,13 +103,16 @@ def _list_steps(args: argparse.Namespace) -> None:
 
 def _doctor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=None, help="also check what this config needs")
+    parser.add_argument("--online", action="store_true", help="with --config: ask the hub whether every model and file can be had")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
 
 
 def _doctor(args: argparse.Namespace) -> int:
     from neu_det_pipeline.doctor import diagnose, print_report
 
-    report = diagnose(load_config(args.config, args.overrides) if args.config else None)
+    if args.online and args.config is None:
+        raise PipelineError("doctor --online checks the models of a config: add --config FILE")
+    report = diagnose(load_config(args.config, args.overrides) if args.config else None, online=args.online)
     print_report(report, console)
     return 1 if report.problems else 0
 

@@ -114,7 +114,7 @@ class PrepareConfig(Section):
 
 class ControlNetIds(Section):
     softedge: str | None = None
-    """ControlNet conditioned on soft edges (HED / PiDiNet)."""
+    """ControlNet trained on soft edges (HED / PiDiNet maps); null where none exists."""
     depth: str | None = None
     """ControlNet conditioned on depth maps."""
     normal: str | None = None
@@ -138,25 +138,29 @@ class ModelsConfig(Section):
             canny="lllyasviel/control_v11p_sd15_canny",
         )
     )
-    """SD 1.5 ControlNet v1.1 checkpoints."""
+    """SD 1.5 ControlNet v1.1 checkpoints, trained at 512 px on: softedge HED and PiDiNet soft edges (and their `safe`
+    forms), depth MiDaS / LeReS / ZoeDepth maps, normal NormalBae normals, canny Canny edges with random thresholds."""
     controlnet_sdxl: ControlNetIds = Field(
         default_factory=lambda: ControlNetIds(
-            softedge="SargeZT/controlnet-sd-xl-1.0-softedge-dexined",
             depth="diffusers/controlnet-depth-sdxl-1.0",
             canny="diffusers/controlnet-canny-sdxl-1.0",
         )
     )
-    """SDXL ControlNet checkpoints (no public SDXL normal ControlNet: use `generation.union_controlnet` for normal maps)."""
+    """SDXL ControlNet checkpoints, trained at 1024 px: depth on DPT (MiDaS) depth maps, canny on Canny edges. softedge
+    and normal are null: no public ControlNet for SDXL base is trained on HED/PiDiNet soft edges or on normals alone
+    (SargeZT's soft-edge model was trained on DexiNed edges); use `generation.union_controlnet` for them."""
     controlnet_union_sdxl: str = "xinsir/controlnet-union-sdxl-1.0"
-    """SDXL union ControlNet (`ControlNetUnionModel`): one model for soft-edge, depth, normal and canny maps."""
+    """SDXL union ControlNet (`ControlNetUnionModel`, trained at about 1024x1024 px, any aspect ratio): one model whose
+    control modes were trained on depth maps, HED/PiDiNet soft edges and scribbles, Canny/lineart edges and normal maps."""
     clip: str = "openai/clip-vit-large-patch14"
     """CLIP model for keyword ranking and CLIP score (ViT-L/14; `-336` also works)."""
     open_clip: str = "hf-hub:laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
     """OpenCLIP model for ranking ensembles (`hf-hub:org/repo` or `local-dir:path`)."""
     blip2: str = "Salesforce/blip2-opt-2.7b"
     """BLIP-2 captioning model."""
-    dinov3: str = "facebook/dinov3-vits16-pretrain-lvd1689m"
-    """DINOv3 backbone of the downstream multitask classifier."""
+    dinov3: str = "timm/vit_small_patch16_dinov3.lvd1689m"
+    """DINOv3 ViT-S/16 (Step 6 backbone, Step 5 `dinov3` features): timm weights (DINOv3 licence, not gated), or the
+    transformers repo `facebook/dinov3-vits16-pretrain-lvd1689m` (gated: approval by hand); hub id or local folder."""
     depth: str = "depth-anything/Depth-Anything-V2-Small-hf"
     """Depth estimator for depth control maps."""
     annotators: str = "lllyasviel/Annotators"
@@ -365,6 +369,11 @@ DETECTOR_CONTROL: dict[str, str] = {
 """The control map each detector makes (`depth_anything` runs `models.depth` through transformers, the others
 come from controlnet_aux with the weights in `models.annotators`)."""
 SCHEDULERS_WITH_KARRAS = ("unipc", "dpmsolver++")
+CONTROLNETS_TRAINED_ON_OTHER_MAPS: dict[str, str] = {
+    "SargeZT/controlnet-sd-xl-1.0-softedge-dexined": "DexiNed edges",
+}
+"""ControlNets trained on maps no `generation.detectors` option makes: fed HED or PiDiNet maps, they would be
+conditioned on inputs they never saw, without an error."""
 
 
 class GenerationConfig(Section):
@@ -596,7 +605,7 @@ class ClassifierConfig(Section):
     """How to get there, not where: changing these neither changes the result nor wipes `last.pt`."""
 
     backbone: str = "dinov3"
-    """`dinov3`: the transformers DINOv3 ViT at `models.dinov3`; `timm:<name>`: a timm model, e.g.
+    """`dinov3`: the DINOv3 ViT at `models.dinov3` (timm or transformers weights); `timm:<name>`: a timm model, e.g.
     `timm:vit_small_patch16_dinov3.lvd1689m`, `timm:convnext_tiny.dinov3_lvd1689m`, `timm:resnet18` (CNNs give feature maps)."""
     pretrained: bool = True
     """Start from the backbone's pretrained weights; false: same architecture, random weights (from-scratch training)."""
@@ -721,12 +730,18 @@ class PipelineConfig(Section):
         family = self.models.pipeline
         if self.generation.union_controlnet and family != "sdxl":
             raise ValueError("generation.union_controlnet=true needs models.pipeline=sdxl (the union ControlNet is an SDXL model)")
+        union_hint = " or set generation.union_controlnet=true (its modes cover every control)" if family == "sdxl" else ""
         for control, (key, model_id) in self.controlnet_ids().items():
             if model_id is None:
-                hint = " or generation.union_controlnet=true" if family == "sdxl" else ""
                 raise ValueError(
-                    f"generation.controls has {control!r} but {key} is null: set it to a ControlNet for {family}, "
-                    f"remove {control!r} from generation.controls{hint}"
+                    f"generation.controls has {control!r} but {key} is null: set it to a {family} ControlNet trained on "
+                    f"{self.generation.detectors[control]} maps, remove {control!r} from generation.controls{union_hint}"
+                )
+            if model_id in CONTROLNETS_TRAINED_ON_OTHER_MAPS:
+                raise ValueError(
+                    f"{key}={model_id!r} was trained on {CONTROLNETS_TRAINED_ON_OTHER_MAPS[model_id]}, not the "
+                    f"{self.generation.detectors[control]} maps generation.detectors.{control} makes: set {key} to a "
+                    f"ControlNet trained on them{union_hint}"
                 )
         return self
 

@@ -1,9 +1,12 @@
 """`neu-det doctor [--config FILE]`: what this machine has for the pipeline, and what a config will need.
 
 The machine: torch and CUDA, each GPU and its memory, the bitsandbytes backend, accelerate's config file, and
-whether the Hugging Face hub is used (offline mode or reachable). With a config: every model it loads, by step,
-and where it comes from (a local folder, the Hugging Face cache, or a download), plus the GPU memory each step
-needs (estimates, compared with the GPUs found). Every problem is one line saying what to do.
+whether the Hugging Face hub is used (offline mode or not). With a config: every model it loads, by step, and
+where it comes from (a local folder, the Hugging Face cache, or a download), plus the GPU memory each step needs
+(estimates from parameter counts, the configured precision, batch sizes and resolutions, compared with the GPUs
+found). Every problem is one line saying what to do; exit 1 when there is any.
+
+Plain `doctor` uses no network. `--online` also asks the hub about every model (`neu_det_pipeline.hub_check`).
 """
 
 from __future__ import annotations
@@ -26,19 +29,49 @@ ANNOTATOR_FILES = {
 }
 """The file each controlnet_aux detector loads from `models.annotators` (lllyasviel/Annotators)."""
 
-GPU_GB_ESTIMATES = {
-    # Peak GPU memory (GiB) at the base config's batch sizes and resolutions (SD 1.5: 512 px, SDXL: 1024 px,
-    # gradient checkpointing for the SDXL LoRA), fp16/bf16 weights; estimates from the model sizes, not measured here.
-    "sd15": {"step1_textual_inversion": 8, "step2_captions": 3, "step3_lora": 10, "step4_generate": 6, "step5_evaluate": 4, "step6_classifier": 4},
-    "sdxl": {"step1_textual_inversion": 18, "step2_captions": 3, "step3_lora": 22, "step4_generate": 14, "step5_evaluate": 4, "step6_classifier": 4},
+PARAMETERS_M = {
+    # Published parameter counts, in millions: the model cards and papers named on each line.
+    "sd15_unet": 860,          # SD 1.5 model card: "860M UNet"
+    "sd15_text": 123,          # CLIP ViT-L/14 text encoder (SD 1.5 model card: 123M)
+    "vae": 84,                 # SD / SDXL autoencoder (83.7M)
+    "sdxl_unet": 2567,         # SDXL paper (Podell et al. 2023): 2.6B UNet
+    "sdxl_text": 123 + 695,    # SDXL paper: CLIP ViT-L + OpenCLIP ViT-bigG text encoders (817M)
+    "sd15_controlnet": 361,    # ControlNet v1.1 for SD 1.5 (1.45 GB fp32 checkpoint)
+    "sdxl_controlnet": 1251,   # diffusers/controlnet-*-sdxl-1.0 and xinsir's union (2.5 GB fp16 checkpoints)
+    "clip": 428,               # openai/clip-vit-large-patch14
+    "open_clip": 986,          # OpenCLIP ViT-H-14 (open_clip's model table)
+    "blip2": 3870,             # Salesforce/blip2-opt-2.7b model page: 3.87B (ViT-g + Q-Former + OPT-2.7B)
+    "dinov3": 22,              # DINOv3 ViT-S/16 (DINOv3 model card: 21.6M)
+    "inception": 24,           # FID Inception v3 (pt_inception-2015-12-05)
+    "depth": 25,               # Depth-Anything-V2-Small (24.8M)
 }
-BLIP2_EXTRA_GB = 8  # BLIP-2 OPT-2.7B in half precision, loaded by Step 2 with `prompt_style: blip2`
+TOKEN_EMBEDDINGS_M = {"sd15": 49408 * 768 / 1e6, "sdxl": 49408 * (768 + 1280) / 1e6}
+"""Step 1 trains through whole token-embedding matrices (CLIP vocabulary x width): gradients and AdamW state on them."""
+LORA_M_PER_RANK = {"sd15": 0.2, "sdxl": 1.45}
+"""LoRA parameters per unit of rank on the UNet's attention projections (diffusers' rank-4 files: 3.2 MB / 23 MB fp32)."""
+BASE_RESOLUTION = {"sd15": 512, "sdxl": 1024}
+ACTIVATION_GIB = {
+    # Rough activation memory per image at the family's base resolution in half precision with PyTorch SDPA,
+    # from peaks commonly reported for diffusers' training scripts; scaled by batch x (resolution / base)^2.
+    "train": {"sd15": 2.5, "sdxl": 10.0},          # backward through the UNet (Steps 1 and 3)
+    "unet_inference": {"sd15": 0.15, "sdxl": 0.6},  # one UNet pass per image and CFG branch (Step 4)
+    "vae_decode": {"sd15": 0.75, "sdxl": 3.0},      # the VAE decoder's full-resolution feature maps (Step 4)
+}
+GRADIENT_CHECKPOINTING_FACTOR = 0.3
+"""Share of the training activations kept with gradient checkpointing (the rest is recomputed)."""
+SMALL_MODEL_GIB_PER_IMAGE = {"vit_224": 0.08, "feature_224": 0.02, "yolo_640": 0.15}
+"""ViT-S training with the decoder at 224 px (Step 6); frozen feature extractors at 224 px (Steps 2, 5);
+YOLOv8n training at 640 px (ultralytics' logs: ~2.4 GB at batch 16)."""
+CUDA_CONTEXT_GIB = 0.8
+"""CUDA context and cuDNN/cuBLAS workspaces of one process."""
+ADAMW_BYTES = {"adamw": 16, "adamw8bit": 10}
+"""Per trained parameter: fp32 weight + fp32 gradient + AdamW's two moments (32-bit or 8-bit)."""
 GPU_MEMORY_FIXES = {
-    "step1_textual_inversion": "textual_inversion.train_batch_size=1 textual_inversion.gradient_accumulation_steps=4",
+    "step1_textual_inversion": "textual_inversion.train_batch_size=1 textual_inversion.gradient_accumulation_steps=4 textual_inversion.gradient_checkpointing=true",
     "step2_captions": "captions.batch_size=4",
     "step3_lora": "lora.train_batch_size=1 lora.gradient_accumulation_steps=4 lora.gradient_checkpointing=true lora.optimizer=adamw8bit",
     "step4_generate": "generation.batch_size=1 generation.vae_slicing=true generation.cpu_offload=true",
-    "step5_evaluate": "evaluation.batch_size=8",
+    "step5_evaluate": "evaluation.batch_size=8 evaluation.utility.batch=8",
     "step6_classifier": "classifier.batch_size=8 classifier.gradient_accumulation_steps=4",
 }
 
@@ -52,7 +85,7 @@ class ModelNeed:
     probe: str | None
     """A file the model's hub repo holds, to look up in the cache (None: not a hub model)."""
     fetched_by: str | None = None
-    """For models that are not on the hub: what downloads them on first use."""
+    """For models that are not on the hub: what downloads them on first use (None with no probe: a file the config names)."""
     where: str = ""
     problem: str | None = None
 
@@ -63,6 +96,8 @@ class Report:
     models: list[ModelNeed] = field(default_factory=list)
     memory: list[tuple[str, str, str]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    """Worth knowing, not failing: the exit code stays 0."""
 
 
 # ---------------------------------------------------------------------------------------- machine
@@ -118,21 +153,15 @@ def machine_facts(report: Report) -> list[float]:
     return gpus
 
 
-def hub_facts(report: Report) -> bool:
-    """Fill the hub row; True when downloads are possible."""
+def hub_facts(report: Report, online: bool) -> bool:
+    """Fill the hub row (no network: `--online` asks the hub itself); True when downloads are allowed."""
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         report.machine.append(("Hugging Face hub", "offline mode (HF_HUB_OFFLINE=1): local folders and cached models only"))
         return False
-    from huggingface_hub import HfApi
-
-    try:
-        HfApi().model_info("openai/clip-vit-large-patch14", timeout=5)
-    except Exception as exc:  # any failure means the same to the user: no downloads
-        report.machine.append(("Hugging Face hub", f"not reachable ({type(exc).__name__})"))
-        return False
-    report.machine.append(("Hugging Face hub", f"reachable ({constants.ENDPOINT})"))
+    if not online:
+        report.machine.append(("Hugging Face hub", "not asked: `neu-det doctor --config FILE --online` checks every model there"))
     return True
 
 
@@ -175,8 +204,10 @@ def model_needs(config: PipelineConfig) -> list[ModelNeed]:
     if "dinov3" in evaluation.features:
         need("models.dinov3", models.dinov3, "step5_evaluate", "config.json")
     if "inception" in evaluation.features:
-        weights = str(evaluation.inception_weights) if evaluation.inception_weights else "FID Inception (pt_inception-2015-12-05)"
-        need("evaluation.inception_weights", weights, "step5_evaluate", None, "torch-fidelity (from GitHub)")
+        if evaluation.inception_weights is not None:
+            need("evaluation.inception_weights", str(evaluation.inception_weights), "step5_evaluate", None)
+        else:
+            need("evaluation.inception_weights", "FID Inception (pt_inception-2015-12-05)", "step5_evaluate", None, "torch-fidelity (from GitHub)")
     if evaluation.lpips_pretrained_backbone:
         need("evaluation.lpips_net", f"{evaluation.lpips_net} ImageNet weights", "step5_evaluate", None, "torchvision")
     if evaluation.utility.enabled:
@@ -187,10 +218,17 @@ def model_needs(config: PipelineConfig) -> list[ModelNeed]:
     return list(needs.values())
 
 
-def locate(need: ModelNeed, online: bool) -> None:
+def locate(need: ModelNeed, downloads: bool) -> None:
     """Where the model comes from, and a problem line when it cannot be had."""
     from huggingface_hub import try_to_load_from_cache
 
+    from neu_det_pipeline.hub_check import EXTERNAL_WEIGHTS, RETIRED_REPOS
+
+    if need.probe is None and need.fetched_by is None:  # a file the config names
+        need.where = "local file"
+        if not Path(need.model_id).is_file():
+            need.problem = f"{need.key}={need.model_id!r} is not a file: download {EXTERNAL_WEIGHTS['inception']} and point {need.key} at it"
+        return
     repo = need.model_id.removeprefix("hf-hub:")
     folder = local_folder(need.model_id)
     if folder is not None:
@@ -211,44 +249,129 @@ def locate(need: ModelNeed, online: bool) -> None:
         need.where = "Hugging Face cache"
         return
     need.where = "to download"
-    if not online:
+    if repo in RETIRED_REPOS:
+        need.problem = f"{need.key}={need.model_id!r} was deleted from the hub: set {need.key}={RETIRED_REPOS[repo]}"
+    elif not downloads:
         need.problem = (
             f"{need.key}={need.model_id!r} is neither a local folder nor in the Hugging Face cache and the hub is not "
             f"usable: download it on a machine with the hub (`hf download {repo}`) or set {need.key} to a folder"
         )
 
 
+def _gib(parameters_m: float, bytes_per_parameter: float) -> float:
+    return parameters_m * 1e6 * bytes_per_parameter / 2**30
+
+
+def _classifier_parameters_m(config: PipelineConfig) -> float:
+    """Step 6 backbone size: DINOv3 ViT-S, or a timm model counted on the meta device (no memory, no download)."""
+    backbone = config.classifier.backbone
+    if backbone == "dinov3":
+        return PARAMETERS_M["dinov3"]
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        model = timm.create_model(backbone.removeprefix("timm:"), pretrained=False, **config.classifier.backbone_kwargs)
+    return sum(parameter.numel() for parameter in model.parameters()) / 1e6
+
+
+def memory_estimates(config: PipelineConfig) -> dict[str, float]:
+    """Peak GPU memory (GiB) per step: weights x bytes of the configured precision, optimizer state of what
+    trains, activations scaling with batch x (resolution / base)^2. Estimates from parameter counts, not measured."""
+    family, base = config.models.pipeline, BASE_RESOLUTION[config.models.pipeline]
+    half = 4 if config.run.mixed_precision == "no" else 2
+    unet, text, vae = PARAMETERS_M[f"{family}_unet"], PARAMETERS_M[f"{family}_text"], PARAMETERS_M["vae"]
+
+    def training_activations(section) -> float:
+        checkpointing = GRADIENT_CHECKPOINTING_FACTOR if getattr(section, "gradient_checkpointing", False) else 1.0
+        return ACTIVATION_GIB["train"][family] * section.train_batch_size * (section.resolution / base) ** 2 * checkpointing
+
+    # Step 1 (diffusers' textual-inversion recipe): frozen UNet and VAE in half precision, the text encoders in
+    # fp32 since their embeddings train; gradient + AdamW moments on the whole embedding matrices.
+    step1 = _gib(unet + vae, half) + _gib(text, 4) + _gib(TOKEN_EMBEDDINGS_M[family], 12) + training_activations(config.textual_inversion)
+    lora = config.lora
+    step3 = _gib(unet + vae + text, half) + _gib(lora.rank * LORA_M_PER_RANK[family], ADAMW_BYTES[lora.optimizer]) + training_activations(lora)
+
+    captions = config.captions
+    ranking = [PARAMETERS_M[name] for name in captions.ranking_backends]
+    if captions.prompt_style == "blip2":
+        ranking.append(PARAMETERS_M["blip2"])
+    step2 = _gib(sum(ranking), half) + captions.batch_size * SMALL_MODEL_GIB_PER_IMAGE["feature_224"]
+
+    generation = config.generation
+    models = [unet, vae, text] + [PARAMETERS_M[f"{family}_controlnet"]] * len(config.controlnet_ids())
+    if any(generation.detectors[control] == "depth_anything" for control in generation.controls):
+        models.append(PARAMETERS_M["depth"])
+    weights = _gib(max(models) if generation.cpu_offload else sum(models), half)  # offload: one model on the GPU at a time
+    decoded_at_once = 1 if generation.vae_slicing else generation.batch_size
+    step4 = weights + (generation.resolution / base) ** 2 * (
+        2 * generation.batch_size * ACTIVATION_GIB["unet_inference"][family] + decoded_at_once * ACTIVATION_GIB["vae_decode"][family]
+    )
+
+    evaluation = config.evaluation
+    extractors = [PARAMETERS_M[name] for name in ("inception", "clip", "dinov3") if name in evaluation.features]
+    if evaluation.clip_score and "clip" not in evaluation.features:
+        extractors.append(PARAMETERS_M["clip"])
+    features = _gib(sum(extractors), half) + evaluation.batch_size * SMALL_MODEL_GIB_PER_IMAGE["feature_224"]
+    utility = evaluation.utility
+    yolo = utility.batch * (utility.imgsz / 640) ** 2 * SMALL_MODEL_GIB_PER_IMAGE["yolo_640"] if utility.enabled else 0.0
+    step5 = max(features, yolo)  # the detector trains after the feature extractors are gone
+
+    classifier = config.classifier
+    step6 = _gib(_classifier_parameters_m(config), ADAMW_BYTES["adamw"]) + (
+        classifier.batch_size * (classifier.image_size / 224) ** 2 * SMALL_MODEL_GIB_PER_IMAGE["vit_224"]
+    )
+    steps = {"step1_textual_inversion": step1, "step2_captions": step2, "step3_lora": step3, "step4_generate": step4,
+             "step5_evaluate": step5, "step6_classifier": step6}
+    return {step: gib + CUDA_CONTEXT_GIB for step, gib in steps.items()}
+
+
 def gpu_memory(config: PipelineConfig, gpus: list[float], report: Report) -> None:
-    estimates = dict(GPU_GB_ESTIMATES[config.models.pipeline])
-    if config.captions.prompt_style == "blip2":
-        estimates["step2_captions"] += BLIP2_EXTRA_GB
     smallest = min(gpus) if gpus else None
-    for step, gib in estimates.items():
+    for step, gib in memory_estimates(config).items():
         fits = "no GPU" if smallest is None else ("fits" if gib <= smallest else "too large")
-        report.memory.append((step, f"~{gib} GiB", fits))
+        report.memory.append((step, f"~{gib:.1f} GiB (estimate)", fits))
         if smallest is not None and gib > smallest:
             report.problems.append(
-                f"{step} needs about {gib} GiB of GPU memory (estimate), the smallest GPU has {smallest:.0f} GiB: "
+                f"{step} needs about {gib:.1f} GiB of GPU memory (estimate), the smallest GPU has {smallest:.0f} GiB: "
                 f"try {GPU_MEMORY_FIXES[step]}"
             )
 
 
-def diagnose(config: PipelineConfig | None) -> Report:
+GATED_REPO_PREFIXES = ("facebook/dinov3-",)
+"""Hub ids gated with manual approval (timm's DINOv3 weights are not gated)."""
+
+
+def diagnose(config: PipelineConfig | None, online: bool = False) -> Report:
+    """The machine, and with a config what it needs; `online` also asks the hub (`hub_check`)."""
     report = Report()
     gpus = machine_facts(report)
-    online = hub_facts(report)
+    downloads = hub_facts(report, online)
     if config is not None:
         report.models = model_needs(config)
         for need in report.models:
-            locate(need, online)
+            locate(need, downloads)
             if need.problem:
                 report.problems.append(need.problem)
-        if any(need.key == "models.dinov3" and need.where == "to download" for need in report.models):
-            report.problems.append(
-                f"models.dinov3={config.models.dinov3!r} is a gated model: accept its licence on its hub page and "
-                "`hf auth login` before the first download"
+        gated = [need for need in report.models if need.where == "to download" and need.model_id.startswith(GATED_REPO_PREFIXES)]
+        if gated and not online:  # --online asks whether access is granted
+            report.problems.extend(
+                f"{need.key}={need.model_id!r} is a gated model: accept its licence on its hub page and "
+                "`hf auth login` before the first download (`--online` checks whether access is granted)"
+                for need in gated
             )
-        gpu_memory(config, gpus, report)
+        if online:
+            from neu_det_pipeline.hub_check import check_online
+
+            findings = check_online(config, report.models)
+            report.machine.extend(findings.facts)
+            report.problems.extend(findings.problems)
+            report.warnings.extend(findings.warnings)
+        try:
+            gpu_memory(config, gpus, report)
+        except RuntimeError as exc:  # timm: unknown model name
+            report.problems.append(f"classifier.backbone={config.classifier.backbone!r}: {exc}; pick a name from `timm.list_models()`")
+        report.problems = list(dict.fromkeys(report.problems))  # a retired id is named offline and online alike
     return report
 
 
@@ -264,12 +387,17 @@ def print_report(report: Report, console) -> None:
         for need in report.models:
             models.add_row(need.key, need.model_id, ", ".join(need.steps), need.where)
         console.print(models)
-        memory = Table(title="GPU memory per step (estimates at the base config's sizes, not measured)", title_justify="left")
-        for column in ("step", "needs", "on this machine"):
+        memory = Table(
+            title="GPU memory per step (estimates from parameter counts, precision, batch and resolution; not measured)",
+            title_justify="left",
+        )
+        for column in ("step", "needs (estimate)", "on this machine"):
             memory.add_column(column)
         for row in report.memory:
             memory.add_row(*row)
         console.print(memory)
+    for warning in report.warnings:
+        console.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     if report.problems:
         for problem in report.problems:
             console.print(f"[bold red]problem:[/] {problem}", highlight=False, soft_wrap=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -22,6 +23,10 @@ T = TypeVar("T")
 
 LOCAL_DIR_PREFIX = "local-dir:"
 MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+HALF_PRECISION_VARIANT = "fp16"
+# diffusers' and transformers' variant names, sharded too (`model.fp16-00001-of-00002.safetensors`, legacy
+# `model-00001-of-00002.fp16.safetensors`); safetensors only, so a variant never makes a loader unpickle.
+_VARIANT_WEIGHTS = re.compile(r"[^/]*\.fp16(-\d+-of-\d+)?\.safetensors")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -45,6 +50,46 @@ def local_folder(model_id: str) -> Path | None:
     path = Path(model_id).expanduser()
     # `org/name` may be a hub id or a relative folder; a leading `/`, `.` or `~` can only be a folder.
     return path if path.exists() or model_id.startswith(("/", ".", "~")) else None
+
+
+def weights_variant(model_id: str, dtype: torch.dtype, subfolder: str | None = None) -> str | None:
+    """`"fp16"` when the weights will be held in `dtype` half precision (fp16 or bf16) and the repo or folder has
+    fp16 variant files (in `subfolder` when given, else in any component folder of a pipeline); None otherwise,
+    and the full-precision files load as before. Pass the result as `variant=` to `from_pretrained`.
+
+    fp16 files halve the download and the host memory, and casting them to bf16 loses nothing that casting
+    the fp32 files would keep (fp16 has more mantissa bits). The files decide, not try-then-fall-back:
+    diffusers raises for a missing variant only after asking for it (and logs an error), and a broad fallback
+    would hide real load errors. A hub id is listed on the hub; offline, or when the listing fails (gated,
+    network down), its cached snapshot is listed, so a cache an earlier run filled loads again offline.
+    """
+    if dtype not in (torch.float16, torch.bfloat16):
+        return None
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    for name in _model_files(model_id):
+        if name.startswith(prefix) and _VARIANT_WEIGHTS.fullmatch(name.rsplit("/", 1)[-1]):
+            return HALF_PRECISION_VARIANT
+    return None
+
+
+def _model_files(model_id: str) -> list[str]:
+    """Relative paths of the files of a local folder, or of a hub repo (or its cached snapshot); [] if unknown."""
+    folder = local_folder(model_id)
+    if folder is None:
+        from huggingface_hub import HfApi, is_offline_mode, snapshot_download
+
+        if not is_offline_mode():
+            try:
+                return HfApi().list_repo_files(model_id)
+            except Exception:  # noqa: BLE001 - gated, missing, server or connection errors: the cache decides
+                pass
+        try:
+            folder = Path(snapshot_download(model_id, local_files_only=True))
+        except (OSError, ValueError):  # not cached (LocalEntryNotFoundError), or not a valid repo id
+            return []
+    if not folder.is_dir():
+        return []
+    return [path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()]
 
 
 class _DropMessage(logging.Filter):

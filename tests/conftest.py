@@ -68,7 +68,7 @@ def smoke_overrides(tiny_models_dir: Path, output_dir: Path) -> list[str]:
         f"models.clip={tiny_models_dir / 'clip'}",
         f"models.open_clip=local-dir:{tiny_models_dir / 'open_clip'}",
         f"models.blip2={tiny_models_dir / 'blip2'}",
-        f"models.dinov3={tiny_models_dir / 'dinov3'}",
+        f"models.dinov3={tiny_models_dir / 'dinov3-timm'}",
         f"models.depth={tiny_models_dir / 'depth'}",
         f"data.root={SAMPLE_ROOT}",
     ]

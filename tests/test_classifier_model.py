@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import SMOKE_CONFIG
+from safetensors.torch import load_file
 
-from neu_det_pipeline.classifier.backbones import FeatureMapBackbone, TokenGridBackbone, create_backbone
+from neu_det_pipeline.classifier.backbones import FeatureMapBackbone, TokenGridBackbone, backbone_from_spec, create_backbone
 from neu_det_pipeline.classifier.losses import (
     DYNAMIC_EARLY,
     DYNAMIC_LATE,
@@ -136,6 +137,28 @@ def test_transformers_dinov3_grid_is_the_patch_tokens_after_cls_and_registers(ti
     assert not torch.equal(random_backbone.model.embeddings.patch_embeddings.weight, backbone.model.embeddings.patch_embeddings.weight)
 
 
+def test_timm_dinov3_weights_behind_models_dinov3(tiny_models_dir: Path) -> None:
+    folder = tiny_models_dir / "dinov3-timm"
+    backbone, spec = create_backbone("dinov3", str(folder), True, {}, 64)
+    assert isinstance(backbone, TokenGridBackbone) and spec["source"] == "timm" and spec["name"] == "vit_small_patch16_dinov3"
+    assert backbone.prefix_tokens == 5 and backbone.patch_size == 16  # CLS + 4 registers, like the transformers form
+    saved = load_file(folder / "model.safetensors")
+    assert all(torch.equal(backbone.model.state_dict()[name], tensor) for name, tensor in saved.items())
+    pixels = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    grid, cls = backbone(pixels)
+    tokens = backbone.model.forward_features(pixels)
+    assert grid.shape == (2, 32, 4, 6)
+    torch.testing.assert_close(grid[:, :, 1, 2], tokens[:, 5 + 1 * 6 + 2])
+    torch.testing.assert_close(cls, tokens[:, 0])
+    # The spec rebuilds the architecture without the folder; the trained weights then fit it exactly.
+    rebuilt = backbone_from_spec(spec, 64)
+    rebuilt.load_state_dict(backbone.state_dict())
+    torch.testing.assert_close(rebuilt(pixels)[1], cls)
+    random_backbone, random_spec = create_backbone("dinov3", str(folder), False, {}, 64)
+    assert random_spec == spec
+    assert not torch.equal(random_backbone.model.patch_embed.proj.weight, backbone.model.patch_embed.proj.weight)
+
+
 def test_timm_vit_and_cnn_backbones() -> None:
     vit, spec = create_backbone("timm:vit_small_patch16_dinov3", "", False, TINY_TIMM_VIT, 64)
     assert isinstance(vit, TokenGridBackbone) and vit.prefix_tokens == 5  # CLS + 4 registers, like DINOv3
@@ -160,3 +183,24 @@ def test_backbone_errors_are_one_line() -> None:
         load_config(SMOKE_CONFIG, ["classifier.backbone=resnet18"])
     with pytest.raises(ConfigError, match=r"synthetic_only=true needs classifier.synthetic"):
         load_config(SMOKE_CONFIG, ["classifier.synthetic_only=true"])
+
+
+def test_timm_dinov3_hub_id_loads_through_timm_from_the_cache(tiny_models_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import shutil
+
+    import huggingface_hub
+
+    from neu_det_pipeline.dinov3 import load_dinov3, timm_model_name
+
+    # The hub cache layout of timm/vit_small_patch16_dinov3.lvd1689m, holding the tiny timm checkpoint (offline).
+    repo = tmp_path / "models--timm--vit_small_patch16_dinov3.lvd1689m"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(tiny_models_dir / "dinov3-timm", repo / "snapshots" / ("0" * 40))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    hub_id = "timm/vit_small_patch16_dinov3.lvd1689m"
+    assert timm_model_name(hub_id) == f"hf-hub:{hub_id}"
+    assert timm_model_name(str(tiny_models_dir / "dinov3")) is None  # transformers' config.json: `architectures`
+    model = load_dinov3(hub_id)
+    saved = load_file(tiny_models_dir / "dinov3-timm" / "model.safetensors")
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in saved.items())

@@ -34,9 +34,8 @@ STEP0 = "step0_prepare"
 LEARN = ("classifier.loss_weighting=fixed", "classifier.freeze_epochs=0", "classifier.epochs=12", "classifier.learning_rate=0.01", "classifier.dropout=0",
          "classifier.augmentation={hflip: false, vflip: false, rot90: false, max_rotation: 0, max_translate: 0, max_scale: 0, brightness: 0, contrast: 0}")
 BACKBONES = {
-    "transformers-dinov3": (),
-    "timm-vit-dinov3": ("classifier.backbone=timm:vit_small_patch16_dinov3", "classifier.pretrained=false",
-                        "classifier.backbone_kwargs={embed_dim: 32, depth: 2, num_heads: 2}"),
+    "dinov3-timm": (),  # the default form of models.dinov3 (smoke overrides: the tiny timm folder)
+    "dinov3-transformers": ("models.dinov3=TINY_MODELS_DIR/dinov3",),
     "timm-cnn": ("classifier.backbone=timm:test_resnet", "classifier.pretrained=false", "classifier.backbone_kwargs={output_stride: 16}"),
 }
 
@@ -110,8 +109,8 @@ def test_trains_evaluates_and_is_up_to_date_on_rerun(trained: Path, tiny_models_
 
 
 @pytest.mark.parametrize("backbone", list(BACKBONES))
-def test_loss_falls_on_real_images(step6_config, backbone: str) -> None:
-    config = step6_config(*LEARN, *BACKBONES[backbone])
+def test_loss_falls_on_real_images(step6_config, tiny_models_dir: Path, backbone: str) -> None:
+    config = step6_config(*LEARN, *(override.replace("TINY_MODELS_DIR", str(tiny_models_dir)) for override in BACKBONES[backbone]))
     out_dir = Path(config.run.output_dir) / STEP.name
     out_dir.mkdir()
     data = load_data(config, Path(config.run.output_dir) / STEP0, None)

@@ -183,3 +183,34 @@ def test_errors_name_the_layer_that_set_the_bad_value(tmp_path: Path) -> None:
         load_config(child)
     with pytest.raises(ConfigError, match=r"sum to 1.*\(set in the command line\)"):
         load_config(child, ["prepare.resolution=64", "data.split.train=0.9"])
+
+
+BASE = REPO / "configs" / "base.yaml"
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        # No SDXL ControlNet is trained on HED/PiDiNet soft edges alone: the default is null, and the line says what to do.
+        (["models.pipeline=sdxl"], r"generation\.controls has 'softedge' but models\.controlnet_sdxl\.softedge is null: set it to "
+                                   r"a sdxl ControlNet trained on hed maps, .* or set generation\.union_controlnet=true"),
+        # A ControlNet trained on maps no detector makes is not fed HED maps silently.
+        (["models.pipeline=sdxl", "models.controlnet_sdxl.softedge=SargeZT/controlnet-sd-xl-1.0-softedge-dexined",
+          "generation.detectors.softedge=pidinet"],
+         r"models\.controlnet_sdxl\.softedge='SargeZT/controlnet-sd-xl-1\.0-softedge-dexined' was trained on DexiNed edges, "
+         r"not the pidinet maps generation\.detectors\.softedge makes: .* generation\.union_controlnet=true"),
+    ],
+)
+def test_sdxl_soft_edges_need_a_controlnet_trained_on_them(overrides: list[str], expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected) as info:
+        load_config(BASE, overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_sdxl_soft_edges_run_on_the_union_controlnet_or_an_explicit_checkpoint() -> None:
+    union = load_config(BASE, ["models.pipeline=sdxl", "generation.union_controlnet=true"])
+    assert union.controlnet_ids() == {"union": ("models.controlnet_union_sdxl", "xinsir/controlnet-union-sdxl-1.0")}
+    own = load_config(BASE, ["models.pipeline=sdxl", "models.controlnet_sdxl.softedge=/models/my-sdxl-hed-controlnet"])
+    assert own.controlnet_ids()["softedge"] == ("models.controlnet_sdxl.softedge", "/models/my-sdxl-hed-controlnet")
+    experiment = load_config(REPO / "configs" / "experiments" / "exp_c_sdxl_all.yaml")
+    assert experiment.generation.union_controlnet and "softedge" in experiment.generation.controls

@@ -63,6 +63,35 @@ def test_precision_recall_of_a_set_against_itself_is_one(sample: ImageFolder, ma
     assert too_few["kid_mean"] is None and too_few["fid"] is None and "at least 2" in too_few["notes"][0]
 
 
+def test_dinov3_features_are_the_cls_token_of_either_weights_form(sample: ImageFolder, make_config, tiny_models_dir: Path) -> None:
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    from neu_det_pipeline.dinov3 import load_dinov3
+
+    pixels = sample.pixels[:3]
+    timm_folder = tiny_models_dir / "dinov3-timm"
+    features = load_extractor("dinov3", make_config(f"models.dinov3={timm_folder}"))(pixels)
+    # timm form: bicubic resize to the checkpoint's input size, its pretrained_cfg mean/std, the CLS token.
+    model = load_dinov3(str(timm_folder)).eval()
+    config = model.pretrained_cfg
+    side = config["input_size"][-1]
+    resized = np.stack([np.asarray(Image.fromarray(p).convert("RGB").resize((side, side), Image.Resampling.BICUBIC)) for p in pixels])
+    mean, std = (torch.tensor(config[key]).view(1, 3, 1, 1) for key in ("mean", "std"))
+    normalised = ((torch.from_numpy(resized).permute(0, 3, 1, 2) / 255 - mean) / std).float()
+    with torch.no_grad():
+        torch.testing.assert_close(features, model.forward_features(normalised)[:, 0], atol=1e-4, rtol=1e-4)
+
+    # transformers form: its image processor, the pooled (CLS) output.
+    folder = tiny_models_dir / "dinov3"
+    features = load_extractor("dinov3", make_config(f"models.dinov3={folder}"))(pixels)
+    model = load_dinov3(str(folder)).eval()
+    inputs = AutoImageProcessor.from_pretrained(folder)(images=[Image.fromarray(p).convert("RGB") for p in pixels], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(features, model(**inputs).pooler_output)
+    assert features.shape == (3, model.config.hidden_size)
+
+
 def test_lpips_of_an_image_with_itself_is_zero(sample: ImageFolder) -> None:
     lpips = LPIPSDistance("alex", pretrained_backbone=False, device=torch.device("cpu"), batch_size=4)
     assert np.all(lpips(sample.pixels[:4], sample.pixels[:4]) == 0)

@@ -115,7 +115,7 @@ def test_same_seed_gives_identical_weights(tmp_path: Path) -> None:
     weight_files = sorted(
         f.relative_to(tmp_path / "first") for pattern in ("*.safetensors", "*.pth") for f in (tmp_path / "first").rglob(pattern)
     )
-    assert len(weight_files) == 19  # one per model, but 3 in sd15 and 4 in sdxl
+    assert len(weight_files) == 20  # one per model, but 3 in sd15 and 4 in sdxl
     for relative in weight_files:
         assert (tmp_path / "first" / relative).read_bytes() == (tmp_path / "second" / relative).read_bytes(), relative
     unet = Path("unet/diffusion_pytorch_model.safetensors")

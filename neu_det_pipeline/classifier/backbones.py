@@ -1,7 +1,8 @@
 """Backbones by name, each returning a feature grid [B, C, h, w] and a global feature [B, C].
 
-- `dinov3`: the transformers DINOv3 ViT at `models.dinov3` (`facebook/dinov3-vits16-pretrain-lvd1689m` by
-  default). Its tokens are ordered [CLS, register tokens, patch tokens]; the patch tokens form the grid.
+- `dinov3`: the DINOv3 ViT at `models.dinov3`: timm weights (`timm/vit_small_patch16_dinov3.lvd1689m` by
+  default, no gated approval) or a transformers repo (`facebook/dinov3-vits16-pretrain-lvd1689m`), see
+  `neu_det_pipeline.dinov3`. Its tokens are ordered [CLS, register tokens, patch tokens]; the patch tokens form the grid.
 - `timm:<name>`: timm ViTs (`vit_small_patch16_dinov3.lvd1689m`, with prefix tokens like the above) and any
   timm CNN (`convnext_tiny.dinov3_lvd1689m`, `resnet18`, ...), whose last feature map is the grid and whose
   average is the global feature.
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from neu_det_pipeline.errors import PipelineError
-from neu_det_pipeline.models import load_model
+from neu_det_pipeline.dinov3 import is_transformers_model, load_dinov3, vit_tokens
 
 TIMM_PREFIX = "timm:"
 
@@ -39,10 +40,7 @@ class TokenGridBackbone(nn.Module):
             self.model.embeddings.mask_token.requires_grad_(False)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.transformers_model:
-            tokens = self.model(pixel_values=pixels).last_hidden_state
-        else:
-            tokens = self.model.forward_features(pixels)
+        tokens = vit_tokens(self.model, pixels)
         height, width = pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size
         grid = tokens[:, self.prefix_tokens :].transpose(1, 2).reshape(tokens.shape[0], self.channels, height, width)
         return grid, tokens[:, 0]
@@ -69,13 +67,13 @@ Backbone = TokenGridBackbone | FeatureMapBackbone
 def create_backbone(name: str, dinov3_id: str, pretrained: bool, kwargs: dict[str, Any], image_size: int) -> tuple[Backbone, dict]:
     """The backbone `classifier.backbone` names, pretrained or randomly initialised, and the spec that rebuilds it."""
     if name == "dinov3":
-        from transformers import DINOv3ViTConfig, DINOv3ViTModel
-
-        if pretrained:
-            model = load_model("models.dinov3", dinov3_id, lambda: DINOv3ViTModel.from_pretrained(dinov3_id))
+        model = load_dinov3(dinov3_id, pretrained)
+        if is_transformers_model(model):
+            spec = {"source": "transformers", "config": model.config.to_dict()}
         else:
-            model = DINOv3ViTModel(load_model("models.dinov3", dinov3_id, lambda: DINOv3ViTConfig.from_pretrained(dinov3_id)))
-        spec = {"source": "transformers", "config": model.config.to_dict()}
+            # The checkpoint's architecture and its recorded arguments rebuild it without the hub.
+            arguments = {key: value for key, value in model.pretrained_model_args.items() if key != "num_classes"}
+            spec = {"source": "timm", "name": model.pretrained_cfg["architecture"], "kwargs": arguments}
     else:
         spec = {"source": "timm", "name": name.removeprefix(TIMM_PREFIX), "kwargs": dict(kwargs)}
         model = _create_timm(spec, pretrained)

@@ -3,7 +3,7 @@
     inception   Inception-v3 pool features (2048-d) with the torch-fidelity weights every published FID uses,
                 through torchmetrics' `NoTrainInceptionV3`
     clip        CLIP image embeddings (`models.clip`), the space recent evaluation papers recommend
-    dinov3      DINOv3 pooled (CLS) features (`models.dinov3`)
+    dinov3      DINOv3 pooled (CLS) features (`models.dinov3`: timm or transformers weights, see `dinov3`)
 
 Every extractor maps (N, H, W) uint8 grayscale arrays to an (N, D) float32 tensor on the CPU.
 """
@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from neu_det_pipeline.config import PipelineConfig
+from neu_det_pipeline.dinov3 import load_dinov3, preprocessor, vit_tokens, width
 from neu_det_pipeline.errors import PipelineError
 from neu_det_pipeline.evaluation.images import gray_to_rgb
-from neu_det_pipeline.models import inference_dtype, load_model, resolve_device
+from neu_det_pipeline.models import inference_dtype, resolve_device
 
 
 class FeatureExtractor:
@@ -79,20 +80,14 @@ def _clip(config: PipelineConfig, device: torch.device, dtype: torch.dtype) -> F
 
 
 def _dinov3(config: PipelineConfig, device: torch.device, dtype: torch.dtype) -> FeatureExtractor:
-    from transformers import AutoImageProcessor, AutoModel
-
     model_id = config.models.dinov3
-
-    def load():
-        return AutoModel.from_pretrained(model_id, dtype=dtype).to(device).eval(), AutoImageProcessor.from_pretrained(model_id)
-
-    model, processor = load_model("models.dinov3", model_id, load)
+    model = load_dinov3(model_id).to(device, dtype).eval()
+    preprocess = preprocessor(model_id, model)
 
     def encode(batch: np.ndarray) -> torch.Tensor:
-        pixels = processor(images=gray_to_rgb(batch), return_tensors="pt")["pixel_values"]
-        return model(pixel_values=pixels.to(device, dtype)).pooler_output
+        return vit_tokens(model, preprocess(gray_to_rgb(batch)).to(device, dtype))[:, 0]  # CLS
 
-    return FeatureExtractor("dinov3", model.config.hidden_size, encode, config.evaluation.batch_size)
+    return FeatureExtractor("dinov3", width(model), encode, config.evaluation.batch_size)
 
 
 EXTRACTORS: dict[str, Callable[[PipelineConfig, torch.device, torch.dtype], FeatureExtractor]] = {

@@ -46,7 +46,7 @@ from neu_det_pipeline.artifacts import LORA_WEIGHTS_FILE, TOKEN_MAP_FILE
 from neu_det_pipeline.config import PipelineConfig
 from neu_det_pipeline.errors import PipelineError
 from neu_det_pipeline.io import read_json
-from neu_det_pipeline.models import drop_log_messages, load_model
+from neu_det_pipeline.models import drop_log_messages, load_model, weights_variant
 from neu_det_pipeline.training.diffusion import base_model
 from neu_det_pipeline.training.lora import load_lora
 from neu_det_pipeline.training.textual_inversion import load_learned_embeddings
@@ -165,7 +165,11 @@ class ControlNetGenerator:
         controlnet = next(iter(self.controlnets.values())) if len(self.controlnets) == 1 else list(self.controlnets.values())
         extra = {"safety_checker": None, "requires_safety_checker": False} if family == "sd15" else {}
         self.pipe = load_model(
-            base_key, base_id, lambda: pipeline_class.from_pretrained(base_id, controlnet=controlnet, dtype=dtype, **extra)
+            base_key,
+            base_id,
+            lambda: pipeline_class.from_pretrained(
+                base_id, controlnet=controlnet, dtype=dtype, variant=weights_variant(base_id, dtype), **extra
+            ),
         )
         self._check_controlnets_fit_the_unet(config)
         scheduler_class, options = SCHEDULERS[section.scheduler]
@@ -189,7 +193,9 @@ class ControlNetGenerator:
         loaded = {}
         for control, (key, model_id) in self.controlnet_ids.items():
             model_class = ControlNetUnionModel if control == "union" else ControlNetModel
-            loaded[control] = load_model(key, model_id, lambda: model_class.from_pretrained(model_id, dtype=dtype))
+            loaded[control] = load_model(
+                key, model_id, lambda: model_class.from_pretrained(model_id, dtype=dtype, variant=weights_variant(model_id, dtype))
+            )
         return loaded
 
     def _check_controlnets_fit_the_unet(self, config: PipelineConfig) -> None:

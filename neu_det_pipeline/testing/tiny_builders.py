@@ -440,6 +440,25 @@ def _save_dinov3(folder: Path, seed: int) -> None:
     _save_image_processor(folder, "dinov3/preprocessor_config.json", DINOV3_IMAGE_SIZE)
 
 
+def _save_dinov3_timm(folder: Path, seed: int) -> None:
+    """timm's DINOv3 ViT-S/16 architecture, only its sizes shrunk, saved by timm's own `save_for_hf` (config.json
+    with `architecture` + model.safetensors), the layout of `timm/vit_small_patch16_dinov3.lvd1689m`."""
+    import timm
+    from timm.models import save_for_hf
+
+    torch.manual_seed(seed)
+    model = timm.create_model(
+        "vit_small_patch16_dinov3",
+        pretrained=False,
+        num_classes=0,
+        embed_dim=TINY_TRANSFORMER["hidden_size"],
+        depth=TINY_TRANSFORMER["num_hidden_layers"],
+        num_heads=TINY_TRANSFORMER["num_attention_heads"],
+        img_size=DINOV3_IMAGE_SIZE,
+    )
+    save_for_hf(model, folder, safe_serialization=True, data_config={"input_size": (3, DINOV3_IMAGE_SIZE, DINOV3_IMAGE_SIZE)})
+
+
 def _save_depth(folder: Path, seed: int) -> None:
     config = DepthAnythingConfig.from_dict(derived_config("depth/config.json", DEPTH))
     _seeded(lambda: DepthAnythingForDepthEstimation(config), seed).save_pretrained(folder)
@@ -470,5 +489,6 @@ BUILDERS: dict[str, Callable[[Path, int], None]] = {
     "blip2": _save_blip2,
     "open_clip": _save_open_clip,
     "dinov3": _save_dinov3,
+    "dinov3-timm": _save_dinov3_timm,
     "depth": _save_depth,
 }

@@ -15,7 +15,10 @@ pipeline loads a folder from here through exactly the code it uses for a hub id:
     open_clip              open_clip.create_model_and_transforms / get_tokenizer("local-dir:<folder>"),
                            standing in for "hf-hub:laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
     dinov3                 AutoModel (DINOv3ViTModel) + AutoImageProcessor; DINOv3ViTBackbone.from_pretrained
-                           also works (AutoBackbone does not: in transformers 5.23 it rejects local folders)
+                           also works (AutoBackbone does not: in transformers 5.23 it rejects local folders);
+                           stands in for the transformers form, "facebook/dinov3-vits16-pretrain-lvd1689m"
+    dinov3-timm            timm.create_model("local-dir:<folder>") (timm's save_for_hf layout), standing in for
+                           "timm/vit_small_patch16_dinov3.lvd1689m", the default models.dinov3
     depth                  AutoModelForDepthEstimation (Depth Anything) + AutoImageProcessor,
                            also pipeline("depth-estimation", model=folder)
 
@@ -54,6 +57,7 @@ TINY_MODEL_NAMES: tuple[str, ...] = (
     "blip2",
     "open_clip",
     "dinov3",
+    "dinov3-timm",
     "depth",
 )
 

@@ -22,7 +22,7 @@ from diffusers.training_utils import compute_snr
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from neu_det_pipeline.config import PipelineConfig
-from neu_det_pipeline.models import load_model
+from neu_det_pipeline.models import load_model, weights_variant
 
 
 @dataclass
@@ -62,25 +62,33 @@ def base_model(config: PipelineConfig) -> tuple[str, str]:
     return f"models.{family}", getattr(config.models, family)
 
 
-def load_components(config: PipelineConfig) -> DiffusionComponents:
+def load_components(
+    config: PipelineConfig, dtype: torch.dtype = torch.float32, text_encoder_dtype: torch.dtype | None = None
+) -> DiffusionComponents:
+    """The base model's components; `dtype` and `text_encoder_dtype` are what `place` will hold them in: a network
+    held in half precision loads the repo's fp16 variant files where it has them (`place` casts either way)."""
     key, model_id = base_model(config)
     sdxl = config.models.pipeline == "sdxl"
 
-    def load(cls, subfolder):
-        return load_model(key, model_id, lambda: cls.from_pretrained(model_id, subfolder=subfolder))
+    def load(cls, subfolder, **kwargs):
+        return load_model(key, model_id, lambda: cls.from_pretrained(model_id, subfolder=subfolder, **kwargs))
 
+    def load_network(cls, subfolder, held_in):
+        return load(cls, subfolder, variant=weights_variant(model_id, held_in, subfolder))
+
+    encoder_dtype = text_encoder_dtype or dtype
     tokenizers = [load(CLIPTokenizer, "tokenizer")]
-    text_encoders = [load(CLIPTextModel, "text_encoder")]
+    text_encoders = [load_network(CLIPTextModel, "text_encoder", encoder_dtype)]
     if sdxl:
         tokenizers.append(load(CLIPTokenizer, "tokenizer_2"))
-        text_encoders.append(load(CLIPTextModelWithProjection, "text_encoder_2"))
+        text_encoders.append(load_network(CLIPTextModelWithProjection, "text_encoder_2", encoder_dtype))
     components = DiffusionComponents(
         family=config.models.pipeline,
         model_id=model_id,
         tokenizers=tokenizers,
         text_encoders=text_encoders,
-        vae=load(AutoencoderKL, "vae"),
-        unet=load(UNet2DConditionModel, "unet"),
+        vae=load_network(AutoencoderKL, "vae", torch.float32 if sdxl else dtype),  # as `place` holds it
+        unet=load_network(UNet2DConditionModel, "unet", dtype),
         # The training schedule comes from the model's own scheduler config (betas, prediction type).
         noise_scheduler=load(DDPMScheduler, "scheduler"),
     )

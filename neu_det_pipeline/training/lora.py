@@ -311,7 +311,7 @@ class LoraTraining:
         self.tokens = class_tokens(step1_dir, config.data.classes)
         rows = train_rows(step0_dir)
         prompts = caption_prompts(step2_dir, rows, self.tokens)
-        self.components = components = load_components(config)
+        self.components = components = load_components(config, weight_dtype(self.accelerator))
         load_learned_embeddings(inference_pipeline(components), step1_dir)
         components.freeze()  # the token rows were added as new, trainable embeddings
         # Validation renders each class with the prompt of its first training image.

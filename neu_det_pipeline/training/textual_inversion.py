@@ -193,7 +193,7 @@ class TextualInversion:
             out_dir.mkdir(parents=True, exist_ok=True)
         # Under the recipe, rank 0 prepares (possibly wipes) out_dir first; no rank may read it before that.
         self.accelerator.wait_for_everyone()
-        self.components = load_components(config)
+        self.components = load_components(config, weight_dtype(self.accelerator), text_encoder_dtype=torch.float32)
         # The text encoders hold the trained (fp32) rows; accelerate's autocast runs them in half precision.
         self.components.place(self.accelerator.device, weight_dtype(self.accelerator), text_encoder_dtype=torch.float32)
         self.rows = [
