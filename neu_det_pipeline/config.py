@@ -57,9 +57,17 @@ class RunConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Device for inference steps: `auto` takes CUDA when available."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
-    """Mixed precision for training and inference on GPU (forced to `no` on CPU)."""
+    """Precision of training (autocast, frozen weights) and inference. On GPU as set, except DINOv3 (Steps 5-6),
+    which is not fp16-safe and runs in bf16 there (fp32 where the GPU has no bf16). On CPU `bf16` runs in bf16 where
+    the CPU has bf16 kernels (slow, but it exercises the half-precision paths); `fp16` runs in fp32 there (CPU fp16
+    kernels are slow or missing). Each step's summary records the dtype it really ran in (`dtype`)."""
     tiny_models_dir: Path | None = None
     """If set, tiny random models are built here (once) before any step runs; for offline smoke runs."""
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML 1.1 reads an unquoted `no` as false
 
 
 class SplitConfig(Section):
@@ -183,8 +191,11 @@ class ModelsConfig(Section):
 class TrainingSection(Section):
     """Fields every fine-tuning step shares: schedule, checkpoints, validation, resume."""
 
-    RESUME_ONLY: ClassVar[frozenset[str]] = frozenset({"resume", "checkpointing_steps", "checkpoints_total_limit"})
-    """How to get there, not where: changing these must not wipe the checkpoints a resume needs."""
+    RESUME_ONLY: ClassVar[frozenset[str]] = frozenset(
+        {"resume", "checkpointing_steps", "checkpoints_total_limit", "num_workers", "gradient_checkpointing"}
+    )
+    """How to get there, not where: changing these must not wipe the checkpoints a resume needs (e.g. turning on
+    gradient checkpointing after running out of memory)."""
 
     resolution: int = Field(512, ge=32)
     """Training resolution (Step 0 copies are resized if needed)."""
@@ -214,6 +225,11 @@ class TrainingSection(Section):
     """Denoising steps for validation images."""
     resume: str | None = None
     """`latest` (or a checkpoint folder name) to continue an interrupted run."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (UNet and text encoders): much less memory (SDXL at 1024 px),
+    about a third more compute, the same result."""
+    num_workers: int = Field(0, ge=0)
+    """Data-loader worker processes (results do not depend on it: augmentation is seeded per sample)."""
 
     @classmethod
     def outcome_keys(cls) -> list[str]:
@@ -340,8 +356,6 @@ class LoraConfigSection(TrainingSection):
     """Text-encoder projections that get adapters when `train_text_encoder` is on."""
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     """`adamw8bit` uses bitsandbytes AdamW8bit with 8-bit state for every LoRA tensor."""
-    gradient_checkpointing: bool = False
-    """Trade compute for memory in the UNet."""
     snr_gamma: float | None = None
     """Min-SNR loss weighting gamma (5.0 is typical); null disables it."""
     noise_offset: float = Field(0.0, ge=0)

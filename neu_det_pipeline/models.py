@@ -38,9 +38,67 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def inference_dtype(device: torch.device, mixed_precision: str) -> torch.dtype:
-    """`run.mixed_precision` on GPU; always float32 on CPU, where half-precision kernels are slow or missing."""
-    return MIXED_PRECISION_DTYPES[mixed_precision] if device.type == "cuda" else torch.float32
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+"""How summaries name the dtype a step ran in."""
+
+
+def select_precision(device_type: str, mixed_precision: str, bf16_supported: bool, fp16_safe: bool = True) -> str:
+    """The precision (`no`, `fp16`, `bf16`) that really runs for `run.mixed_precision` on a device type.
+
+    On a GPU: as configured, except that a model that is not fp16-safe (DINOv3) runs in bf16 where the GPU
+    supports it, else in fp32. On CPU: bf16 when asked for explicitly and the CPU has bf16 kernels; fp16, the
+    default, runs in fp32 (CPU fp16 kernels are slow or missing).
+    """
+    if device_type != "cuda":
+        return "bf16" if mixed_precision == "bf16" and bf16_supported else "no"
+    if mixed_precision == "fp16" and not fp16_safe:
+        return "bf16" if bf16_supported else "no"
+    return mixed_precision
+
+
+@functools.cache
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU build runs the bf16 kernels the pipeline needs (convolution, matmul, autocast)."""
+    try:
+        images = torch.ones(1, 3, 8, 8, dtype=torch.bfloat16)
+        torch.nn.functional.conv2d(images, torch.ones(4, 3, 3, 3, dtype=torch.bfloat16))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.ones(2, 4) @ torch.ones(4, 2)
+    except RuntimeError:
+        return False
+    return True
+
+
+def bf16_supported(device: torch.device) -> bool:
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_supports_bf16()
+
+
+def precision_for(device: torch.device, mixed_precision: str, fp16_unsafe_model: str | None = None) -> str:
+    """`select_precision` for a real device (`fp16_unsafe_model`: the model's name when it is not fp16-safe);
+    a precision other than the configured one is said once."""
+    precision = select_precision(device.type, mixed_precision, bf16_supported(device), fp16_unsafe_model is None)
+    if mixed_precision == "bf16" and precision == "no":
+        _note_once("run.mixed_precision=bf16: this CPU has no bf16 kernels; running in fp32")
+    elif mixed_precision == "fp16" and precision != "fp16" and device.type == "cuda":
+        _note_once(f"{fp16_unsafe_model} is not fp16-safe: it runs in {precision_name(precision)} instead of run.mixed_precision=fp16")
+    return precision
+
+
+def precision_name(precision: str) -> str:
+    """`no`/`fp16`/`bf16` -> the dtype name summaries record (`fp32`, `fp16`, `bf16`)."""
+    return DTYPE_NAMES[MIXED_PRECISION_DTYPES[precision]]
+
+
+def inference_dtype(device: torch.device, mixed_precision: str, fp16_unsafe_model: str | None = None) -> torch.dtype:
+    """Dtype for inference weights: `run.mixed_precision` as `select_precision` lets it run on `device`."""
+    return MIXED_PRECISION_DTYPES[precision_for(device, mixed_precision, fp16_unsafe_model)]
+
+
+@functools.cache
+def _note_once(message: str) -> None:
+    from neu_det_pipeline.recipe import console  # the step's console: the note lands in its log too
+
+    console.print(f"[yellow]note:[/] {message}", highlight=False)
 
 
 def local_folder(model_id: str) -> Path | None:

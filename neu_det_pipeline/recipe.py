@@ -5,13 +5,25 @@ it reads, and a ``run(ctx)`` function. :func:`run_step` does the rest the same w
 it checks prerequisites, decides whether the outputs are up to date (a fingerprint of the config
 keys, the upstream fingerprints and the step's input files), clears stale outputs, saves the resolved
 config, shows progress and writes ``summary.json`` last, so a step without one never finished.
+
+One run per step folder: while a step runs, its process holds ``<run.output_dir>/.locks/<step>.lock``
+(``fcntl.flock``, outside the step folder, which may be cleared). A second process starting the same step on the
+same folder stops with one line naming the holder (pid, host, since when, its command); the extra ranks of one
+``accelerate launch`` take no lock. The kernel releases the lock of a process that dies, so a lock file still
+naming a dead holder is taken over, with a notice.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import fcntl
+import json
 import os
+import shlex
 import shutil
+import socket
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -30,7 +42,7 @@ from rich.progress import (
 from rich.table import Table
 
 from neu_det_pipeline.config import PipelineConfig, config_hash, dump_config
-from neu_det_pipeline.errors import MissingStepOutputError
+from neu_det_pipeline.errors import MissingStepOutputError, PipelineError
 from neu_det_pipeline.io import atomic_write_text, read_json, write_json
 
 T = TypeVar("T")
@@ -38,6 +50,7 @@ T = TypeVar("T")
 SUMMARY_FILE = "summary.json"
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
+LOCKS_DIR = ".locks"
 
 console = Console(stderr=True)
 if not console.is_terminal:
@@ -168,10 +181,77 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def run_step(step: Step, config: PipelineConfig, progress: Progress | None = None) -> dict[str, Any]:
-    """Run `step` unless its outputs are up to date; returns its summary."""
+class StepBusyError(PipelineError):
+    """Another process is running this step on the same output folder."""
+
+
+def lock_path(config: PipelineConfig, step_name: str) -> Path:
+    return Path(config.run.output_dir) / LOCKS_DIR / f"{step_name}.lock"
+
+
+def _lock_holder(fd: int) -> dict[str, Any]:
+    raw = os.pread(fd, 4096, 0)
+    try:
+        return json.loads(raw) if raw.strip() else {}
+    except ValueError:
+        return {}
+
+
+@contextlib.contextmanager
+def step_lock(config: PipelineConfig, step_name: str) -> Iterator[None]:
+    """Hold the step's lock for the block; `StepBusyError` when another process holds it."""
+    path = lock_path(config, step_name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            pid, host = holder.get("pid", "?"), holder.get("host", "?")
+            raise StepBusyError(
+                f"{step_name}: {step_output_dir(config, step_name)} is in use by pid {pid} on {host} since "
+                f"{holder.get('since', '?')} (`{holder.get('command', '?')}`); wait for it to end (check: "
+                f"`ps -p {pid} -o pid,etime,args` on {host}) or give this run another run.output_dir"
+            ) from None
+        # A clean end empties the file, so a holder still named here ended without releasing it (killed, crashed).
+        if left := _lock_holder(fd):
+            console.print(
+                f"[yellow]note:[/] {step_name}: taking over the lock of pid {left.get('pid')} on {left.get('host')} "
+                f"(since {left.get('since')}), which ended without releasing it", highlight=False,
+            )
+        holder = {
+            "pid": os.getpid(), "host": socket.gethostname(),
+            "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def run_step(
+    step: Step, config: PipelineConfig, progress: Progress | None = None, locks: contextlib.ExitStack | None = None
+) -> dict[str, Any]:
+    """Run `step` unless its outputs are up to date; returns its summary.
+
+    The step's lock is held until the step ends, or, given `locks`, until that stack closes (`neu-det run-all` holds
+    every step's lock to its end, so a second run cannot slip in between two steps)."""
     out_dir = step_output_dir(config, step.name)
     fingerprint = step_fingerprint(step, config)
+    if not is_main_process():
+        return _run_locked(step, config, progress, out_dir, fingerprint)
+    with contextlib.ExitStack() as own:
+        (locks or own).enter_context(step_lock(config, step.name))
+        return _run_locked(step, config, progress, out_dir, fingerprint)
+
+
+def _run_locked(step: Step, config: PipelineConfig, progress: Progress | None, out_dir: Path, fingerprint: str) -> dict[str, Any]:
     summary = read_summary(out_dir)
     if summary and summary.get("status") == "complete" and summary.get("fingerprint") == fingerprint:
         console.print(f"[green]✓[/] {step.name}: up to date in {out_dir} (nothing to do)")
@@ -204,6 +284,7 @@ def run_step(step: Step, config: PipelineConfig, progress: Progress | None = Non
         "resumed": resumed,
         "wall_time_s": round(time.perf_counter() - started, 3),
         "skipped": ctx.skipped,
+        "dtype": None,  # steps that run a model say which dtype it ran in
         **result,
     }
     write_json(out_dir / SUMMARY_FILE, summary)

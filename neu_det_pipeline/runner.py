@@ -11,6 +11,8 @@ A/B experiments share what does not differ.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import importlib
 import os
 import shutil
@@ -31,6 +33,7 @@ from neu_det_pipeline.recipe import (
     STATE_FILE,
     SUMMARY_FILE,
     Step,
+    StepBusyError,
     console,
     new_progress,
     read_summary,
@@ -96,13 +99,16 @@ class StepFailed(Exception):
         return f"{self.step} failed: {self.error} (log: {self.log})"
 
 
-def _run_logged(step: Step, config: PipelineConfig, progress: Any, log: Path) -> dict[str, Any]:
+def _run_logged(step: Step, config: PipelineConfig, progress: Any, log: Path, locks: contextlib.ExitStack) -> dict[str, Any]:
     """Run one step, its console output recorded into `log`; a failure becomes `StepFailed`."""
     console.record = True
     console.export_text(clear=True)  # drop anything recorded before this step
-    failure = ""
+    failure, own_log = "", True
     try:
-        return run_step(step, config, progress)
+        return run_step(step, config, progress, locks)
+    except StepBusyError:
+        own_log = False  # the log belongs to the run holding the step
+        raise
     except Exception as exc:
         error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if not isinstance(exc, PipelineError):
@@ -110,8 +116,22 @@ def _run_logged(step: Step, config: PipelineConfig, progress: Any, log: Path) ->
         failure = traceback.format_exc()  # for the log only: the screen gets one line
         raise StepFailed(step.name, error, log) from None
     finally:
-        atomic_write_text(log, console.export_text(clear=True) + failure)
+        recorded = console.export_text(clear=True) + failure
+        if own_log:
+            atomic_write_text(log, recorded)
         console.record = False
+
+
+def free_step_models() -> None:
+    """Free the models of the step that just ended: accelerate's wrapped `forward` (a method bound to the model,
+    stored on the model) is a reference cycle, so reference counting alone keeps them, with their optimizer state,
+    until some later collection; on a GPU the next step would start with them in memory. (accelerate's process-wide
+    state holds no model; `make_accelerator` renews it when a step needs another precision.)"""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def run_all(config: PipelineConfig, steps: Iterable[str] = STEP_MODULES, force: Iterable[str] = ()) -> list[dict[str, Any]]:
@@ -119,13 +139,15 @@ def run_all(config: PipelineConfig, steps: Iterable[str] = STEP_MODULES, force: 
     steps, started = list(steps), time.perf_counter()
     logs = Path(config.run.output_dir) / LOGS_DIR
     summaries = []
-    with new_progress() as progress:
+    # Each step's lock is kept to the end: a second run on this folder cannot start between two of this run's steps.
+    with new_progress() as progress, contextlib.ExitStack() as locks:
         overall = progress.add_task("pipeline", total=len(steps))
         for name in steps:
             progress.update(overall, description=f"pipeline: {name}")
             if name in force:
                 forget(config, name)
-            summaries.append(_run_logged(load_step(name), config, progress, logs / f"{name}.log"))
+            summaries.append(_run_logged(load_step(name), config, progress, logs / f"{name}.log", locks))
+            free_step_models()
             progress.advance(overall)
     console.print(summary_table(summaries))
     report = Path(config.run.output_dir) / REPORT_FILE
@@ -138,14 +160,22 @@ def run_all(config: PipelineConfig, steps: Iterable[str] = STEP_MODULES, force: 
 
 def summary_table(summaries: list[dict[str, Any]]) -> Table:
     table = Table(title="neu-det run-all", title_justify="left")
-    for column in ("step", "status", "wall time (s)", "key figure"):
+    for column in ("step", "status", "wall time (s)", "dtype", "key figure"):
         table.add_column(column)
     for summary in summaries:
         step = load_step(summary["step"])
         status = "up to date" if summary.get("up_to_date") else summary["status"]
         figure = step.key_figure(summary) if step.key_figure else ""
-        table.add_row(summary["step"], status, f"{summary['wall_time_s']:.1f}", figure)
+        table.add_row(summary["step"], status, f"{summary['wall_time_s']:.1f}", dtype_label(summary.get("dtype")), figure)
     return table
+
+
+def dtype_label(dtype: str | dict[str, str] | None) -> str:
+    """A summary's `dtype` for the table: one name, or per model where they differ (Step 5's feature spaces)."""
+    if isinstance(dtype, dict):
+        names = set(dtype.values())
+        return names.pop() if len(names) == 1 else ", ".join(f"{key} {value}" for key, value in dtype.items())
+    return dtype or "-"
 
 
 # ------------------------------------------------------------------------------------------ reuse

@@ -6,15 +6,26 @@
 An interrupted run continues from its newest checkpoint with the same command plus
 `textual_inversion.resume=latest` (the loss history is the one an uninterrupted run gives).
 
+Memory, speed and precision (as in Step 3): `textual_inversion.gradient_checkpointing=true` recomputes
+activations in the backward pass (the UNet, and each text encoder that gradients pass through), which SDXL at
+1024 px needs; `textual_inversion.num_workers` loads images in worker processes. Neither changes the result, so both
+may change on resume. Under mixed precision the VAE encodes and decodes outside autocast in its own dtype (fp32
+for SDXL), and the LR schedule does not advance on a step the fp16 grad scaler skipped. A checkpoint written on
+one device resumes on another.
+
+The text encoders pool at their tokenizer's EOS token (SDXL's pooled prompt embedding): the hub's configs say
+`eos_token_id: 2`, which transformers reads as "the highest token id", the new class token. Load the tokens with
+`training.textual_inversion.load_learned_embeddings(pipe, folder)`, which also fixes the pooling of `pipe`; after
+plain `pipe.load_textual_inversion` an SDXL pipeline's pooled embedding stops at the class token.
+
 Outputs in `<run.output_dir>/step1_textual_inversion/`:
-    learned_embeds-<class>.safetensors    the class token's embedding for `text_encoder` (diffusers format:
-                                          `pipe.load_textual_inversion(path, token=token)`)
+    learned_embeds-<class>.safetensors    the class token's embedding for `text_encoder` (diffusers format)
     learned_embeds_2-<class>.safetensors  the same for `text_encoder_2` (SDXL only)
     token_map.json                        class -> {token, files: {text encoder name: file}}
     losses.json, loss.png                 loss per optimizer step
     validation/step-<N>.png               one row of seeded images per class token
     checkpoints/checkpoint-<N>/           resumable state (newest `checkpoints_total_limit` kept)
-    summary.json                          steps, final loss, tokens, files, the checkpoint resumed from
+    summary.json                          steps, final loss, tokens, files, the checkpoint resumed from, dtype
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from neu_det_pipeline.cli import step_main
+from neu_det_pipeline.models import DTYPE_NAMES
 from neu_det_pipeline.recipe import Step, StepContext
 from neu_det_pipeline.training.loop import training_config_keys
 from neu_det_pipeline.training.textual_inversion import TextualInversion
@@ -36,6 +48,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
     return {
         "pipeline": ctx.config.models.pipeline,
         "processes": result.processes,
+        "dtype": DTYPE_NAMES[training.components.unet.dtype],  # frozen weights; the trained rows stay fp32
         "steps": len(result.losses),
         "final_loss": result.losses[-1],
         "tokens": result.tokens,

@@ -12,7 +12,7 @@ Outputs in `<run.output_dir>/step2_captions/`:
     captions.jsonl          one row per training image: prompt, token, keyword and variant scores, models
     train/<id>.png          the Step 0 training copies (hard links; copies across file systems)
     train/metadata.jsonl    `file_name` + `text`: a Hugging Face `imagefolder` dataset for diffusers training
-    summary.json            counts, models, device, timings, top keywords per class, `prompt_tokens`: CLIP token
+    summary.json            counts, models, device, dtype, timings, top keywords per class, `prompt_tokens`: CLIP token
                             counts of the prompts (real CLIP tokenizer, the class token counting as one); prompts
                             over 77 tokens, which the text encoder cuts, are counted, the first ones named, and one
                             console line says so
@@ -37,6 +37,7 @@ from neu_det_pipeline.captions import (
 )
 from neu_det_pipeline.cli import step_main
 from neu_det_pipeline.io import link_or_copy, write_jsonl
+from neu_det_pipeline.models import DTYPE_NAMES, inference_dtype, resolve_device
 from neu_det_pipeline.recipe import Step, StepContext, console
 
 PARTIAL_RESULTS_FILE = "captions.partial.jsonl"
@@ -86,6 +87,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
         "class_counts": dict(counts),
         "prompt_style": cfg.captions.prompt_style,
         "ranking_backends": [scorer.name for scorer in annotator.ranker.scorers],
+        "dtype": DTYPE_NAMES[inference_dtype(resolve_device(cfg.run.device), cfg.run.mixed_precision)],
         "score_normalisation": "per-image z-score of cosine similarity over the candidates, averaged over backends",
         "models": annotator.models,
         "top_keywords": {name: [kw for kw, _ in pairs] for name, pairs in top_keywords.items()},

@@ -7,6 +7,13 @@ Several processes train data-parallel (`accelerate launch --multi_gpu --num_proc
 `ACCELERATE_USE_CPU=true` for gloo ranks). An interrupted run continues from its newest checkpoint with
 the same command plus `lora.resume=latest` (the losses are the ones an uninterrupted run gives).
 
+Memory, speed and precision (as in Step 1): `lora.gradient_checkpointing=true` recomputes
+activations in the backward pass (the UNet, and each text encoder that gradients pass through), which SDXL at
+1024 px needs; `lora.num_workers` loads images in worker processes. Neither changes the result, so both
+may change on resume. Under mixed precision the VAE encodes and decodes outside autocast in its own dtype (fp32
+for SDXL), and the LR schedule does not advance on a step the fp16 grad scaler skipped. A checkpoint written on
+one device resumes on another.
+
 Outputs in `<run.output_dir>/step3_lora/`:
     pytorch_lora_weights.safetensors   diffusers format with the adapter configs as metadata:
                                        `training.lora.load_lora(pipe, folder)` (or diffusers'
@@ -14,7 +21,7 @@ Outputs in `<run.output_dir>/step3_lora/`:
     losses.json                        loss per optimizer step
     validation/step-<N>.png            one row of seeded images per class
     checkpoints/checkpoint-<N>/        resumable state (newest `checkpoints_total_limit` kept)
-    summary.json                       steps, final loss, trainable parameters, optimizer state bits, resumed from
+    summary.json                       steps, final loss, trainable parameters, optimizer state bits, resumed from, dtype
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 from neu_det_pipeline.cli import step_main
+from neu_det_pipeline.models import DTYPE_NAMES
 from neu_det_pipeline.recipe import Step, StepContext
 from neu_det_pipeline.training.loop import training_config_keys
 from neu_det_pipeline.training.lora import LoraTraining
@@ -42,6 +50,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
         "rank": section.rank,
         "alpha": section.alpha,
         "processes": training.accelerator.num_processes,
+        "dtype": DTYPE_NAMES[training.components.unet.dtype],  # frozen weights; the adapters stay fp32
         "steps": len(result.losses),
         "final_loss": result.losses[-1],
         "trainable_parameters": result.trainable_parameters,

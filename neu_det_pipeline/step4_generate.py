@@ -9,6 +9,11 @@ image keeps its source's boxes. Several processes (`accelerate launch --num_proc
 the result equals a single-process run. A killed run continues with the same command, making only what is
 missing.
 
+Each control acts within its own `generation.control_guidance_start/end` window, with one ControlNet per control
+and with the SDXL union ControlNet alike (one window per control mode); the manifest's `control_guidance` is
+what the pipeline was given. Nothing runs under autocast: the SDXL pipelines upcast an fp16 VAE to fp32 for
+decoding when its config says `force_upcast`.
+
 Outputs in `<run.output_dir>/step4_generate/` (later steps rely on this layout):
     images/<class>/<name>.png       synthetic image at the source size, grayscale (`generation.output_*`)
     labels/<name>.xml               Pascal VOC boxes, the source's boxes in output coordinates
@@ -18,7 +23,7 @@ Outputs in `<run.output_dir>/step4_generate/` (later steps rely on this layout):
                                     guidance, models, LoRA / token hashes, augmentation (sorted by name)
     controls/<detector>-<res>-<weights>/<sha256>.png   control-map cache (`generation.control_cache_dir`)
     contact_sheets/<class>.png      per source: the real image, its maps, its synthetic images with boxes
-    summary.json                    counts per class, maps made / cached, images/s, models, ignored GPU options,
+    summary.json                    counts per class, maps made / cached, images/s, models, dtype, ignored GPU options,
                                     `prompt_tokens`: CLIP token counts of the prompts and the negative prompt
                                     (real CLIP tokenizer, a Step 1 token counts as one); prompts over 77 tokens,
                                     which the text encoder cuts, are counted, the first ones named, and one
@@ -54,7 +59,7 @@ from neu_det_pipeline.generation.outputs import (
 )
 from neu_det_pipeline.generation.pipeline import ControlNetGenerator, step1_tokens
 from neu_det_pipeline.generation.plan import batches, build_plan, template_prompts
-from neu_det_pipeline.models import inference_dtype, resolve_device
+from neu_det_pipeline.models import DTYPE_NAMES, inference_dtype, resolve_device
 from neu_det_pipeline.recipe import Step, StepContext, console
 from neu_det_pipeline.training.lora import caption_prompts
 
@@ -132,6 +137,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
     return {
         "pipeline": cfg.models.pipeline,
         "processes": state.num_processes,
+        "dtype": DTYPE_NAMES[generator.pipe.unet.dtype if generator else dtype],
         "images": len(manifest),
         "images_generated": len(pending),
         "images_from_earlier_run": len(plan) - len(pending),

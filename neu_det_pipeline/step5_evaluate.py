@@ -29,6 +29,7 @@ from typing import Any
 from neu_det_pipeline.cli import step_main
 from neu_det_pipeline.data.split import HELD_OUT_SPLIT
 from neu_det_pipeline.evaluation import curation
+from neu_det_pipeline.evaluation.features import extractor_dtype
 from neu_det_pipeline.evaluation.inputs import StepInputs, read_step_inputs
 from neu_det_pipeline.evaluation.perceptual import edge_ssim
 from neu_det_pipeline.evaluation.step_report import write_step_report
@@ -44,7 +45,7 @@ from neu_det_pipeline.evaluation.utility import (
     synthetic_subset,
 )
 from neu_det_pipeline.io import write_json, write_jsonl
-from neu_det_pipeline.models import inference_dtype, resolve_device
+from neu_det_pipeline.models import DTYPE_NAMES, inference_dtype, resolve_device
 from neu_det_pipeline.recipe import Step, StepContext, console
 
 CURATED_DIR = "curated"
@@ -207,6 +208,8 @@ def run(ctx: StepContext) -> dict[str, Any]:
         f"recall_{first}": overall["recall"],
         "map50": headline,
         "gain_recovered": result.get("gain_recovered"),
+        # Per feature space (Inception fp32, DINOv3 never fp16).
+        "dtype": {name: DTYPE_NAMES[extractor_dtype(name, cfg)] for name in cfg.evaluation.features},
         "outputs": {"metrics": METRICS_FILE, "report": "report.html", "curated": f"{CURATED_DIR}/manifest.jsonl"},
     }
 

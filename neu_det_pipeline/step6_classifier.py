@@ -16,7 +16,7 @@ Outputs in `<run.output_dir>/step6_classifier/`:
     metrics.csv, curves.png   per-epoch losses, loss weights, learning rates, validation scores
     test_metrics.json         test (real) accuracy, macro-F1, per-class report, mask IoU / Dice, confusion matrix
     confusion_matrix.png      on the test split
-    summary.json              data counts, backbone, best epoch, test scores, wall time
+    summary.json              data counts, backbone, dtype (autocast), best epoch, test scores, wall time
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ from neu_det_pipeline.classifier.training import ClassifierTraining
 from neu_det_pipeline.cli import step_main
 from neu_det_pipeline.config import ClassifierConfig, PipelineConfig
 from neu_det_pipeline.io import write_json
+from neu_det_pipeline.models import DTYPE_NAMES
 from neu_det_pipeline.recipe import Step, StepContext, console
 from neu_det_pipeline.step0_prepare import dataset_listing
+from neu_det_pipeline.training.loop import weight_dtype
 
 SYNTHETIC_STEPS = {"step4": "step4_generate", "step5": "step5_evaluate"}
 TEST_METRICS_FILE = "test_metrics.json"
@@ -80,6 +82,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
         "classes": data.classes,
         "parameters": training.parameter_count(),
         "processes": training.accelerator.num_processes,
+        "dtype": DTYPE_NAMES[weight_dtype(training.accelerator)],  # autocast; the weights train in fp32
         "epochs_trained": len(result.history),
         "stopped_by_time_budget": result.stopped_by_time_budget,
         "training_seconds": result.history[-1]["seconds"],

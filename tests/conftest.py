@@ -169,3 +169,21 @@ def crash_after_checkpoint(step: int) -> Iterator[None]:
             yield
     finally:
         Checkpoints.save = save
+
+
+def skip_optimizer_step(monkeypatch: pytest.MonkeyPatch, skipped_call: int) -> list[int]:
+    """accelerate's optimizer skips its `skipped_call`-th step as under fp16 when the grad scaler finds inf/NaN
+    gradients, and says so (`step_was_skipped`); CPU runs have no grad scaler to do it for real. Returns the
+    list that counts the calls."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    calls: list[int] = []
+    step = AcceleratedOptimizer.step
+
+    def step_or_skip(self, closure=None):
+        calls.append(len(calls) + 1)
+        self._is_overflow = len(calls) == skipped_call  # what AcceleratedOptimizer.step records after GradScaler.step
+        return None if self._is_overflow else step(self, closure)
+
+    monkeypatch.setattr(AcceleratedOptimizer, "step", step_or_skip)
+    return calls

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMOKE_CONFIG, launch_two_cpu_ranks, smoke_overrides
+from conftest import SMOKE_CONFIG, launch_two_cpu_ranks, skip_optimizer_step, smoke_overrides
 from PIL import Image
 
 from neu_det_pipeline import cli
@@ -153,6 +153,17 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(step6_config, tmp_
     assert torch.equal(a["loss"]["log_vars"], b["loss"]["log_vars"])
     strip = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
     assert strip(a["history"]) == strip(b["history"])
+
+
+def test_the_lr_schedule_waits_for_a_step_the_grad_scaler_skipped(step6_config, monkeypatch) -> None:
+    calls = skip_optimizer_step(monkeypatch, skipped_call=2)
+    config = step6_config("classifier.epochs=1", "classifier.freeze_epochs=0")
+    out_dir = Path(config.run.output_dir) / STEP.name
+    out_dir.mkdir()
+    training = ClassifierTraining(config, load_data(config, Path(config.run.output_dir) / STEP0, None), out_dir)
+    training.run()
+    assert len(calls) == training.steps_per_epoch > 2
+    assert training.lr_scheduler.last_epoch == training.steps_per_epoch - 1  # one step fewer on the schedule
 
 
 def test_two_data_parallel_ranks_stay_in_sync_through_both_stages(step6_config, tiny_models_dir: Path, tmp_path: Path) -> None:

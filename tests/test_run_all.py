@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import csv
+import gc
 import logging
+import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -20,7 +25,10 @@ from neu_det_pipeline.config import load_config
 from neu_det_pipeline.errors import PipelineError
 from neu_det_pipeline.io import read_json
 from neu_det_pipeline.models import quiet_library_progress
-from neu_det_pipeline.runner import STEP_MODULES, select_steps
+from neu_det_pipeline import runner
+from neu_det_pipeline.recipe import run_step
+from neu_det_pipeline.runner import STEP_MODULES, StepFailed, select_steps
+from neu_det_pipeline.training.diffusion import DiffusionComponents
 
 # What third-party libraries print when nothing is wrong: tqdm bars ("Loading weights: 100%|...| 36/36 [...it/s]"),
 # transformers' notices ("[transformers] The new embeddings will be initialized ..."), ultralytics' banners and
@@ -44,12 +52,14 @@ def one_line(text: str) -> str:
     return text.replace("\n", "")
 
 
-def test_run_all_interrupted_resumed_then_up_to_date(tiny_models_dir: Path, tmp_path: Path) -> None:
+def test_run_all_in_bf16_interrupted_resumed_then_up_to_date(tiny_models_dir: Path, tmp_path: Path) -> None:
+    """The smoke pipeline in bf16 (weights and autocast as on a GPU), killed, resumed while a second run on the same
+    folder is turned away, then up to date."""
     out = tmp_path / "smoke"
-    args = ["run-all", "--config", str(SMOKE_CONFIG), *smoke_overrides(tiny_models_dir, out)]
+    args = ["run-all", "--config", str(SMOKE_CONFIG), *smoke_overrides(tiny_models_dir, out), "run.mixed_precision=bf16"]
     command = [sys.executable, "-m", "neu_det_pipeline.cli", *args]
 
-    # Killed as soon as Step 2 has finished, like a job whose node went away.
+    # Killed as soon as Step 2 has finished, like a job whose node went away: its step locks stay behind.
     first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
     while not (out / "step2_captions" / "summary.json").is_file() and first.poll() is None and time.monotonic() < deadline:
@@ -58,30 +68,79 @@ def test_run_all_interrupted_resumed_then_up_to_date(tiny_models_dir: Path, tmp_
     first.wait()
     assert (out / "step2_captions" / "summary.json").is_file()
 
-    resumed = neu_det(*args)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    step0_lock = out / ".locks" / "step0_prepare.lock"
+    while f'"pid": {resumed.pid},' not in step0_lock.read_text() and resumed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    second = neu_det(*args)  # the resumed run holds Step 0 to its end
+    errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+    assert second.returncode == 2 and len(errors) == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
+    assert f"step0_prepare: {out}/step0_prepare is in use by pid {resumed.pid}" in errors[0]
+    stdout, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr[-3000:]
+    assert f"taking over the lock of pid {first.pid}" in one_line(stderr)
     for name in STEP_MODULES:
         summary = read_json(out / name / "summary.json")
         assert summary["status"] == "complete" and summary["config_hash"], name
         assert (out / name / "config.yaml").is_file() and (out / "logs" / f"{name}.log").is_file(), name
+        # Measured on the models where a step has them: the frozen UNet, the generation pipeline, autocast.
+        expected = None if name == "step0_prepare" else {"clip": "bf16", "dinov3": "bf16"} if name == "step5_evaluate" else "bf16"
+        assert summary["dtype"] == expected, name
+    for name in ("step1_textual_inversion", "step3_lora"):
+        assert math.isfinite(read_json(out / name / "summary.json")["final_loss"]), name
+    history = list(csv.DictReader((out / "step6_classifier" / "metrics.csv").open()))
+    assert history and all(math.isfinite(float(row["train_loss"])) for row in history)
     for name in ("step0_prepare", "step1_textual_inversion", "step2_captions"):
-        assert f"{name}: up to date" in one_line(resumed.stderr)
-    assert "step3_lora: up to date" not in one_line(resumed.stderr)
-    # One table, a key figure per step, the report's path.
-    assert re.search(r"step4_generate +│ +complete +│ +[\d.]+ +│ +36 synthetic images", resumed.stderr), resumed.stderr[-3000:]
-    assert f"report: {out}/step5_evaluate/report.html" in one_line(resumed.stderr)
+        assert f"{name}: up to date" in one_line(stderr)
+    assert "step3_lora: up to date" not in one_line(stderr)
+    # One table, the dtype and a key figure per step, the report's path.
+    assert re.search(r"step4_generate +│ +complete +│ +[\d.]+ +│ +bf16 +│ +36 synthetic images", stderr), stderr[-3000:]
+    assert f"report: {out}/step5_evaluate/report.html" in one_line(stderr)
     log = (out / "logs" / "step3_lora.log").read_text()
     assert "step3_lora summary" in log and "final_loss" in log  # the step's own output, recorded
-    assert_no_third_party_noise(resumed.stdout + resumed.stderr)
+    assert_no_third_party_noise(stdout + stderr)
 
     again = neu_det(*args)
     assert again.returncode == 0
     assert one_line(again.stderr).count(": up to date in") == len(STEP_MODULES)
+    assert "taking over" not in again.stderr  # the resumed run released its locks
 
     forced = neu_det(*args, "--only", "step2_captions", "--force", "step2_captions")
     assert forced.returncode == 0, forced.stderr[-3000:]
     assert "step2_captions: up to date" not in one_line(forced.stderr) and "step0_prepare" not in forced.stderr
     assert not read_json(out / "step2_captions" / "summary.json").get("up_to_date")
+
+
+def test_run_all_frees_the_previous_steps_models(make_config, step0_sample_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """Step 1's UNet and text encoder are gone when Step 2 starts, although accelerate's wrapped forward makes a
+    reference cycle (automatic collection is off here, so only the runner's own freeing can free them)."""
+    out = tmp_path / "run"
+    shutil.copytree(step0_sample_dir, out)
+    config = make_config(output_dir=out)
+    models: list[weakref.ref] = []
+    place = DiffusionComponents.place
+
+    def recording_place(self, *args, **kwargs):
+        models.extend(weakref.ref(module) for module in (self.unet, *self.text_encoders))
+        return place(self, *args, **kwargs)
+
+    alive_at_step2: list[bool] = []
+
+    def check_then_stop(step, *args):
+        if step.name != "step2_captions":
+            return run_step(step, *args)
+        alive_at_step2.extend(ref() is not None for ref in models)
+        raise RuntimeError("checked")
+
+    monkeypatch.setattr(DiffusionComponents, "place", recording_place)
+    monkeypatch.setattr(runner, "run_step", check_then_stop)
+    gc.disable()
+    try:
+        with pytest.raises(StepFailed, match="checked"):
+            runner.run_all(config, ["step0_prepare", "step1_textual_inversion", "step2_captions"])
+    finally:
+        gc.enable()
+    assert alive_at_step2 == [False] * len(models) and len(models) == 2
 
 
 def test_step_selection() -> None:

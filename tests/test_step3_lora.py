@@ -17,8 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from conftest import (
     REPO,
     SMOKE_CONFIG,
@@ -38,7 +36,6 @@ from neu_det_pipeline.errors import ConfigError, MissingStepOutputError, Pipelin
 from neu_det_pipeline.io import read_json, read_jsonl, write_json, write_jsonl
 from neu_det_pipeline.recipe import run_step
 from neu_det_pipeline.step3_lora import STEP
-from neu_det_pipeline.training import lora
 from neu_det_pipeline.training.data import collate
 from neu_det_pipeline.training.diffusion import (
     denoising_loss,
@@ -239,19 +236,13 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(step3_config, tmp_path:
     assert checkpoints == ["checkpoint-2", "checkpoint-4"]
 
 
-@pytest.fixture
-def bf16_mixed_precision(monkeypatch: pytest.MonkeyPatch):
-    """bf16 autocast on CPU: the closest CPU stand-in for GPU mixed precision. Accelerate's state is
-    process-wide and refuses a second precision, so it is reset around the test."""
-    AcceleratorState._reset_state(True)
-    monkeypatch.setattr(lora, "make_accelerator", lambda config: Accelerator(mixed_precision="bf16", cpu=True))
-    yield
-    AcceleratorState._reset_state(True)
-
-
-def test_mixed_precision_trains_fp32_adapters_on_half_precision_weights(step3_config, bf16_mixed_precision) -> None:
-    config = step3_config("models.pipeline=sdxl", "lora.use_dora=true", "lora.train_text_encoder=true", "lora.optimizer=adamw8bit")
+def test_mixed_precision_trains_fp32_adapters_on_half_precision_weights(step3_config) -> None:
+    """bf16 on CPU: weights and autocast as in a GPU run."""
+    config = step3_config(
+        "models.pipeline=sdxl", "lora.use_dora=true", "lora.train_text_encoder=true", "lora.optimizer=adamw8bit", "run.mixed_precision=bf16"
+    )
     training = build(config)
+    assert training.accelerator.mixed_precision == "bf16"
     assert training.components.unet.dtype == training.components.text_encoders[0].dtype == torch.bfloat16
     assert training.components.vae.dtype == torch.float32  # the SDXL VAE overflows in half precision
     assert {param.dtype for param in training.parameters.values()} == {torch.float32}

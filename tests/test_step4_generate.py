@@ -230,6 +230,20 @@ def test_union_controlnet_on_sdxl_takes_every_control(tiny_models_dir: Path, tmp
     assert steered(arrays(generator.generate(["a photo"] * 2, [1, 2], 7.0, changed)), base)
 
 
+def test_union_controlnet_keeps_one_guidance_window_per_control_mode(tiny_models_dir: Path, tmp_path: Path) -> None:
+    union = ("models.pipeline=sdxl", "generation.union_controlnet=true", "generation.controls=[softedge,depth]")
+    # 2 steps: softedge acts on the first only, depth on the second only; collapsed, both would act on both.
+    windows = ("generation.control_guidance_end.softedge=0.5", "generation.control_guidance_start.depth=0.5")
+    per_mode = generator_for(tiny_models_dir, tmp_path / "per-mode", *union, *windows)
+    assert per_mode.control_guidance == {"softedge": [0.0, 0.5], "depth": [0.5, 1.0]}  # what the manifest records
+    maps = control_maps(["softedge", "depth"], SOURCES[:2])
+    arguments = per_mode.control_arguments(maps)
+    assert (arguments["control_guidance_start"], arguments["control_guidance_end"]) == ([0.0, 0.5], [0.5, 1.0])
+
+    whole_run = generator_for(tiny_models_dir, tmp_path / "whole-run", *union)  # the collapsed window [0, 1] for both
+    assert steered(arrays(per_mode.generate(["a photo"] * 2, [1, 2], 7.0, maps)), arrays(whole_run.generate(["a photo"] * 2, [1, 2], 7.0, maps)))
+
+
 @pytest.mark.parametrize(
     "overrides", [(), ("models.pipeline=sdxl", "generation.union_controlnet=true")], ids=["sd15-multi-controlnet", "sdxl-union"]
 )

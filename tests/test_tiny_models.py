@@ -209,6 +209,21 @@ def test_tiny_configs_differ_from_the_real_ones_only_in_size(
     assert differences, "a tiny model that is not smaller than the real one"
 
 
+def test_tiny_timm_dinov3_differs_from_the_real_one_only_in_size(models: dict[str, Path]) -> None:
+    """timm's config.json names the architecture and its pretrained settings; the tiny one adds only size arguments."""
+    from neu_det_pipeline.testing.tiny_builders import DINOV3_TIMM_SIZES, real_config
+
+    real, tiny = real_config("dinov3-timm/config.json"), json.loads((models["dinov3-timm"] / "config.json").read_text())
+    assert tiny["architecture"] == real["architecture"] and tiny["num_classes"] == real["num_classes"]
+    sizes = {key: value for key, value in tiny["model_args"].items() if key in DINOV3_TIMM_SIZES}
+    assert sizes == {**DINOV3_TIMM_SIZES, "img_size": [DINOV3_TIMM_SIZES["img_size"]] * 2}
+    # timm records every argument it was given; the rest must be what the real checkpoint uses (RGB input).
+    others = {key: value for key, value in tiny["model_args"].items() if key not in DINOV3_TIMM_SIZES}
+    assert others == {"num_classes": real["num_classes"], "global_pool": real["global_pool"], "in_chans": 3}
+    same_settings = {key for key in real["pretrained_cfg"] if key != "input_size"}
+    assert {key: tiny["pretrained_cfg"].get(key) for key in same_settings} == {key: real["pretrained_cfg"][key] for key in same_settings}
+
+
 def test_a_changed_branch_field_is_caught(models: dict[str, Path], tmp_path: Path) -> None:
     """The comparison sees a non-size change, e.g. the CLIP pooling switch the hub files set."""
     root = tmp_path / "tiny"

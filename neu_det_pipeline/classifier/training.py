@@ -3,7 +3,7 @@
 Stage 1 (`freeze_epochs`): the backbone is frozen (no gradients, batch-norm statistics fixed) while the
 decoder, enhancer and head learn. Stage 2: everything trains, the backbone at `backbone_lr_scale` times
 the learning rate with its own warm-up. AdamW, warm-up + cosine per parameter group, gradient
-accumulation, gradient clipping, mixed precision on GPU (accelerate), optional class-balanced sampling.
+accumulation, gradient clipping, mixed precision (accelerate; DINOv3 in bf16 or fp32, never fp16), optional class-balanced sampling.
 
 After every epoch: validation (macro-F1 picks `best.pt`), `last.pt`, one history row. Exact resume:
 `last.pt` holds model, loss weights, optimizer, schedule and scaler states; the data order, augmentation
@@ -34,6 +34,12 @@ from neu_det_pipeline.classifier.model import AttentionGuidedClassifier, ModelSp
 from neu_det_pipeline.config import PipelineConfig
 from neu_det_pipeline.errors import PipelineError
 from neu_det_pipeline.training.loop import make_accelerator
+
+
+def is_dinov3(backbone: str) -> bool:
+    """`classifier.backbone` names DINOv3 weights (`dinov3`, `timm:vit_small_patch16_dinov3.lvd1689m`,
+    `timm:convnext_tiny.dinov3_lvd1689m`): they are not fp16-safe, so training runs them in bf16 or fp32."""
+    return "dinov3" in backbone.lower()
 
 
 def warmup_cosine(step: int, start: int, warmup: int, total: int) -> float:
@@ -70,7 +76,7 @@ class TrainingResult:
 class ClassifierTraining:
     def __init__(self, config: PipelineConfig, data: ClassifierData, out_dir: Path):
         self.config, self.section, self.data, self.out_dir = config, config.classifier, data, out_dir
-        self.accelerator = make_accelerator(config)
+        self.accelerator = make_accelerator(config, fp16_unsafe_model="DINOv3" if is_dinov3(self.section.backbone) else None)
         section = self.section
         torch.manual_seed(config.run.seed)
         backbone, backbone_spec = create_backbone(
@@ -187,7 +193,9 @@ class ClassifierTraining:
             if step_now:
                 accelerator.clip_grad_norm_([p for group in self.optimizer.param_groups for p in group["params"]], section.max_grad_norm)
                 optimizer.step()
-                self.lr_scheduler.step()
+                # Under fp16 the gradient scaler skips a step whose gradients hold inf/NaN; the schedule waits too.
+                if not optimizer.step_was_skipped:
+                    self.lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 on_step(self.lr_scheduler.last_epoch, parts.total.item())
             for key, value in (("loss", parts.total), ("classification", parts.classification), ("segmentation", parts.segmentation)):

@@ -97,9 +97,15 @@ EXTRACTORS: dict[str, Callable[[PipelineConfig, torch.device, torch.dtype], Feat
 }
 
 
+def extractor_dtype(name: str, config: PipelineConfig) -> torch.dtype:
+    """The dtype the `name` extractor runs in on `run.device`."""
+    if name == "inception":
+        # Its features feed covariance estimates, where half precision loses digits.
+        return torch.float32
+    device = resolve_device(config.run.device)
+    return inference_dtype(device, config.run.mixed_precision, "DINOv3" if name == "dinov3" else None)  # bf16 or fp32
+
+
 def load_extractor(name: str, config: PipelineConfig) -> FeatureExtractor:
     """The extractor for an `evaluation.features` entry, on `run.device`."""
-    device = resolve_device(config.run.device)
-    # Inception keeps float32: its features feed covariance estimates, where half precision loses digits.
-    dtype = torch.float32 if name == "inception" else inference_dtype(device, config.run.mixed_precision)
-    return EXTRACTORS[name](config, device, dtype)
+    return EXTRACTORS[name](config, resolve_device(config.run.device), extractor_dtype(name, config))

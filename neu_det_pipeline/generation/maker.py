@@ -166,7 +166,7 @@ class SyntheticImageMaker:
             "controls": list(section.controls),
             "detectors": {c: section.detectors[c] for c in section.controls},
             "conditioning_scales": {c: section.conditioning_scales[c] for c in section.controls},
-            "control_guidance": {c: [section.control_guidance_start[c], section.control_guidance_end[c]] for c in section.controls},
+            "control_guidance": self.generator.control_guidance,
             "scheduler": section.scheduler,
             "use_karras_sigmas": section.use_karras_sigmas,
             "num_inference_steps": section.num_inference_steps,

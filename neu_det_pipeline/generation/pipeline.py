@@ -5,6 +5,9 @@ multi-ControlNet for several, or SDXL's union ControlNet), the sampler, the Step
 adapters and the GPU options, then makes a batch of images with one CPU generator per image, so an image's
 pixels depend on its own seed and inputs, not on its batch or process.
 
+Each control acts on its own `control_guidance_start/end` window, also with the union ControlNet (one window per
+control mode, as its diffusers pipeline supports).
+
 CFG rescale (Lin et al. 2023, diffusers' `rescale_noise_cfg`) is applied here: the ControlNet pipelines
 accept `guidance_rescale=` and ignore it. A forward hook on the UNet rewrites the conditional half of its
 output so that the pipeline's own `uncond + g * (cond - uncond)` equals the rescaled guidance.
@@ -236,6 +239,13 @@ class ControlNetGenerator:
             return []
         return [name for name in ("compile", "cpu_offload") if getattr(self.section, name)]
 
+    @property
+    def control_guidance(self) -> dict[str, list[float]]:
+        """Control -> [start, end] fraction of the denoising steps it acts on: what the pipeline is given (per
+        ControlNet, or per control mode of the union ControlNet) and what the manifest records."""
+        section = self.section
+        return {c: [section.control_guidance_start[c], section.control_guidance_end[c]] for c in section.controls}
+
     def control_arguments(self, maps: dict[str, list[Image.Image]]) -> dict[str, Any]:
         """The pipeline's control keyword arguments for per-control lists of maps (one map per image).
 
@@ -245,14 +255,15 @@ class ControlNetGenerator:
         section, controls = self.section, self.section.controls
         batches = [_as_batch(maps[c]) for c in controls]
         scales = [section.conditioning_scales[c] for c in controls]
-        starts = [section.control_guidance_start[c] for c in controls]
-        ends = [section.control_guidance_end[c] for c in controls]
+        starts = [start for start, _ in self.control_guidance.values()]
+        ends = [end for _, end in self.control_guidance.values()]
         image_key = "control_image" if section.mode == "img2img" or section.union_controlnet else "image"
         if section.union_controlnet:
-            # One union model sees every map; start / end apply to it as a whole.
+            # One union model sees every map; its pipeline takes one start / end per control mode and multiplies each
+            # mode's conditioning scale by 0 outside that mode's window (diffusers' `controlnet_keep`).
             return {
                 image_key: batches, "control_mode": [UNION_CONTROL_MODES[c] for c in controls],
-                "controlnet_conditioning_scale": scales, "control_guidance_start": min(starts), "control_guidance_end": max(ends),
+                "controlnet_conditioning_scale": scales, "control_guidance_start": starts, "control_guidance_end": ends,
             }
         if len(controls) == 1:
             return {

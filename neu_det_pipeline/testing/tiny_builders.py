@@ -440,23 +440,21 @@ def _save_dinov3(folder: Path, seed: int) -> None:
     _save_image_processor(folder, "dinov3/preprocessor_config.json", DINOV3_IMAGE_SIZE)
 
 
+DINOV3_TIMM_SIZES = {"embed_dim": 32, "depth": 2, "num_heads": 4, "img_size": DINOV3_IMAGE_SIZE}
+"""The only `timm.create_model` arguments the tiny timm DINOv3 changes: its architecture name (and so every other
+setting: rotary embeddings, 4 registers, layer scale, SwiGLU-free MLP) comes from the real config.json."""
+
+
 def _save_dinov3_timm(folder: Path, seed: int) -> None:
-    """timm's DINOv3 ViT-S/16 architecture, only its sizes shrunk, saved by timm's own `save_for_hf` (config.json
-    with `architecture` + model.safetensors), the layout of `timm/vit_small_patch16_dinov3.lvd1689m`."""
+    """`timm/vit_small_patch16_dinov3.lvd1689m`: its real config's architecture with only the sizes shrunk, saved by
+    timm's own `save_for_hf` (config.json with `architecture` + model.safetensors), the hub repo's layout."""
     import timm
     from timm.models import save_for_hf
 
-    torch.manual_seed(seed)
-    model = timm.create_model(
-        "vit_small_patch16_dinov3",
-        pretrained=False,
-        num_classes=0,
-        embed_dim=TINY_TRANSFORMER["hidden_size"],
-        depth=TINY_TRANSFORMER["num_hidden_layers"],
-        num_heads=TINY_TRANSFORMER["num_attention_heads"],
-        img_size=DINOV3_IMAGE_SIZE,
-    )
-    save_for_hf(model, folder, safe_serialization=True, data_config={"input_size": (3, DINOV3_IMAGE_SIZE, DINOV3_IMAGE_SIZE)})
+    real = real_config("dinov3-timm/config.json")
+    model = _seeded(lambda: timm.create_model(real["architecture"], pretrained=False, num_classes=real["num_classes"], **DINOV3_TIMM_SIZES), seed)
+    side = DINOV3_TIMM_SIZES["img_size"]
+    save_for_hf(model, folder, safe_serialization=True, data_config={"input_size": (3, side, side)})
 
 
 def _save_depth(folder: Path, seed: int) -> None:

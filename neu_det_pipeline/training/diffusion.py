@@ -2,6 +2,14 @@
 
 Both families are handled by one code path: SDXL simply has two tokenizer/text-encoder pairs, uses the
 penultimate hidden states of both (concatenated) plus the pooled projection and size/crop time ids.
+
+Two precision and pooling traps of the real models are handled here:
+
+- The hub's CLIP text-encoder configs say `eos_token_id: 2`, with which transformers pools at the highest token
+  id of each prompt; once Step 1 adds tokens that is the class token, not EOS, and SDXL's pooled `text_embeds`
+  would ignore the rest of the prompt. :func:`pool_at_eos` points each encoder at its tokenizer's EOS.
+- The VAE runs outside autocast, in its own dtype (fp32 for SDXL, whose VAE overflows in fp16): inside
+  accelerate's autocast a VAE kept in fp32 would still run its convolutions in half precision.
 """
 
 from __future__ import annotations
@@ -18,7 +26,9 @@ from diffusers import (
     UNet2DConditionModel,
     UniPCMultistepScheduler,
 )
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.training_utils import compute_snr
+from PIL import Image
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from neu_det_pipeline.config import PipelineConfig
@@ -40,15 +50,32 @@ class DiffusionComponents:
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type
 
+    def vae_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The SDXL VAE stays fp32 whatever `dtype`: it overflows in fp16 (NaN latents), which is why diffusers'
+        SDXL scripts upcast it too; any VAE whose config asks for it (`force_upcast`) stays fp32 in fp16 runs."""
+        upcast = self.family == "sdxl" or (dtype == torch.float16 and self.vae.config.get("force_upcast", False))
+        return torch.float32 if upcast else dtype
+
     def place(self, device: torch.device, dtype: torch.dtype, text_encoder_dtype: torch.dtype | None = None) -> None:
         """Move to `device`: frozen weights in `dtype` (half precision under mixed precision), text encoders in
-        `text_encoder_dtype` when they hold trained fp32 weights. The SDXL VAE stays fp32 whatever `dtype`:
-        it overflows in fp16 (NaN latents), which is why diffusers' SDXL scripts upcast it too."""
-        moves = [(self.vae, torch.float32 if self.family == "sdxl" else dtype), (self.unet, dtype)]
+        `text_encoder_dtype` when they hold trained fp32 weights, the VAE in :meth:`vae_dtype`."""
+        moves = [(self.vae, self.vae_dtype(dtype)), (self.unet, dtype)]
         moves += [(encoder, text_encoder_dtype or dtype) for encoder in self.text_encoders]
         for module, module_dtype in moves:
             # Passing a dtype makes diffusers warn about fp32 modules even when nothing is cast.
             module.to(device) if module.dtype == module_dtype else module.to(device, module_dtype)
+
+    def enable_gradient_checkpointing(self, text_encoders: bool) -> None:
+        """Recompute activations in the backward pass: in the UNet, and in the text encoders when gradients go
+        through them (textual inversion, text-encoder LoRA). Non-reentrant checkpointing, which also carries
+        gradients to inputs when every weight of the checkpointed block is frozen (textual inversion's UNet)."""
+        self.unet.enable_gradient_checkpointing()
+        for encoder in self.text_encoders if text_encoders else []:
+            # transformers 5.24 renamed `gradient_checkpointing_enable` (deprecated, removed in v6).
+            if hasattr(encoder, "activation_checkpointing_enable"):
+                encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def freeze(self) -> None:
         """Freeze every weight; each step then unfreezes exactly what it trains."""
@@ -92,8 +119,22 @@ def load_components(
         # The training schedule comes from the model's own scheduler config (betas, prediction type).
         noise_scheduler=load(DDPMScheduler, "scheduler"),
     )
+    for tokenizer, encoder in zip(tokenizers, text_encoders):
+        pool_at_eos(tokenizer, encoder)
     components.freeze()
     return components
+
+
+def pool_at_eos(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel | CLIPTextModelWithProjection) -> None:
+    """Make `text_encoder` pool (SDXL's `text_embeds`) at the first EOS token of each prompt.
+
+    transformers' CLIP reads `eos_token_id` from the text model at forward time; the hub's configs (SD 1.5,
+    SDXL) carry the legacy value 2, which means "pool at the highest token id" (EOS in the original vocabulary,
+    the class token once textual inversion adds tokens). Every pipeline and training run that may see added
+    tokens calls this after loading; the config file is left alone.
+    """
+    text_model = text_encoder.text_model if isinstance(text_encoder, CLIPTextModelWithProjection) else text_encoder
+    text_model.eos_token_id = tokenizer.eos_token_id
 
 
 def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
@@ -130,7 +171,7 @@ def denoising_loss(
 ) -> torch.Tensor:
     """The standard latent-diffusion training loss (epsilon or v target), with optional noise offset and Min-SNR."""
     vae, scheduler = components.vae, components.noise_scheduler
-    with torch.no_grad():
+    with torch.no_grad(), outside_autocast(pixel_values.device):
         latents = vae.encode(pixel_values.to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
     noise = torch.randn_like(latents)
     if noise_offset:
@@ -153,6 +194,30 @@ def denoising_loss(
     weights = torch.clamp(snr, max=snr_gamma) / (snr + 1 if components.prediction_type == "v_prediction" else snr)
     loss = F.mse_loss(prediction, target.float(), reduction="none").mean(dim=(1, 2, 3))
     return (loss * weights).mean()
+
+
+def outside_autocast(device: torch.device) -> torch.autocast:
+    """A block where autocast is off: the VAE then runs in its own dtype even inside the loss's autocast."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+@torch.no_grad()
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> list[Image.Image]:
+    """PIL images from a pipeline's `output_type="latent"` result, decoded outside autocast in the VAE's dtype.
+
+    Unscales as the SD 1.5 and SDXL pipelines do (SDXL VAEs may carry `latents_mean` / `latents_std`).
+    """
+    config = vae.config
+    if config.get("latents_mean") is not None and config.get("latents_std") is not None:
+        mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents.device)
+        std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents.device)
+        latents = latents.float() * std / config.scaling_factor + mean
+    else:
+        latents = latents.float() / config.scaling_factor
+    with outside_autocast(latents.device):
+        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    processor = VaeImageProcessor(vae_scale_factor=2 ** (len(config.block_out_channels) - 1))
+    return processor.postprocess(images.float(), output_type="pil")
 
 
 def inference_pipeline(components: DiffusionComponents) -> StableDiffusionPipeline | StableDiffusionXLPipeline:

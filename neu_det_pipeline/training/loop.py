@@ -22,13 +22,14 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from neu_det_pipeline.config import PipelineConfig
 from neu_det_pipeline.errors import PipelineError
-from neu_det_pipeline.models import resolve_device
+from neu_det_pipeline.models import precision_for, resolve_device
 from neu_det_pipeline.training.data import (
     DefectImageDataset,
     SeededOrderSampler,
@@ -53,10 +54,16 @@ def training_config_keys(section: str) -> tuple[str, ...]:
     )
 
 
-def make_accelerator(config: PipelineConfig) -> Accelerator:
-    """CPU when asked for or when no GPU exists (`accelerate launch --multi_gpu` then runs gloo ranks)."""
-    cpu = resolve_device(config.run.device).type == "cpu"
-    return Accelerator(mixed_precision="no" if cpu else config.run.mixed_precision, cpu=cpu)
+def make_accelerator(config: PipelineConfig, fp16_unsafe_model: str | None = None) -> Accelerator:
+    """CPU when asked for or when no GPU exists (`accelerate launch --multi_gpu` then runs gloo ranks), in the
+    precision `precision_for` picks (bf16 autocast on CPU too when `run.mixed_precision=bf16`)."""
+    device = resolve_device(config.run.device)
+    precision = precision_for(device, config.run.mixed_precision, fp16_unsafe_model)
+    # accelerate keeps one precision per process; a later step (or test) may need another (Step 6 runs DINOv3
+    # in bf16 after fp16 diffusion steps): start its state afresh, keeping the process group (PartialState).
+    if AcceleratorState._shared_state.get("_mixed_precision") not in (None, precision):
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
 
 
 def weight_dtype(accelerator: Accelerator) -> torch.dtype:
@@ -121,13 +128,23 @@ class Checkpoints:
         return final
 
     @staticmethod
-    def load(path: Path, optimizer, lr_scheduler, scaler=None) -> tuple[int, dict[str, torch.Tensor], list[float]]:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    def load(
+        path: Path, optimizer, lr_scheduler, scaler=None, device: torch.device | str = "cpu"
+    ) -> tuple[int, dict[str, torch.Tensor], list[float]]:
+        """Restore into `optimizer`, `lr_scheduler` (and `scaler`); returns (step, trained tensors, losses).
+
+        Tensors are read onto `device`, the one this process trains on: a checkpoint written on `cuda:0` then
+        resumes on another GPU or on a CPU, and the ranks of a multi-GPU run do not all unpickle onto `cuda:0`.
+        """
+        def read(name: str) -> Any:
+            return torch.load(path / name, map_location=device, weights_only=True)
+
+        optimizer.load_state_dict(read("optimizer.pt"))
+        lr_scheduler.load_state_dict(read("scheduler.pt"))
         if scaler is not None and (path / "scaler.pt").is_file():
-            scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+            scaler.load_state_dict(read("scaler.pt"))
         state = json.loads((path / "state.json").read_text())
-        return state["step"], load_file(path / "trained.safetensors"), state["losses"]
+        return state["step"], load_file(path / "trained.safetensors", device=str(device)), state["losses"]
 
 
 @dataclass
@@ -163,6 +180,7 @@ class TrainingSettings:
     noise_offset: float = 0.0
     snr_gamma: float | None = None
     max_grad_norm: float = 1.0
+    num_workers: int = 0
 
     @classmethod
     def from_section(cls, section: Any) -> TrainingSettings:
@@ -199,7 +217,10 @@ class _LossModule(torch.nn.Module):
 def make_dataloader(dataset: DefectImageDataset, settings: TrainingSettings, num_processes: int, seed: int) -> DataLoader:
     per_step = settings.train_batch_size * settings.gradient_accumulation_steps * num_processes
     sampler = SeededOrderSampler(len(dataset), settings.max_train_steps * per_step, seed)
-    return DataLoader(dataset, batch_size=settings.train_batch_size, sampler=sampler, collate_fn=collate, num_workers=0)
+    # Workers change nothing but speed: every random choice of a sample is seeded by its position.
+    return DataLoader(
+        dataset, batch_size=settings.train_batch_size, sampler=sampler, collate_fn=collate, num_workers=settings.num_workers
+    )
 
 
 def train(
@@ -219,7 +240,7 @@ def train(
     resume_from = checkpoints.find(settings.resume)
     start, losses = 0, []
     if resume_from is not None:
-        start, tensors, losses = Checkpoints.load(resume_from, optimizer, lr_scheduler, accelerator.scaler)
+        start, tensors, losses = Checkpoints.load(resume_from, optimizer, lr_scheduler, accelerator.scaler, accelerator.device)
         task.load_trained_state(tensors)
     model, optimizer, dataloader = accelerator.prepare(_LossModule(task.model, components, settings), optimizer, dataloader)
     if start:
@@ -240,7 +261,9 @@ def train(
             step_loss += loss.detach() / settings.gradient_accumulation_steps
         accelerator.clip_grad_norm_(task.parameters, settings.max_grad_norm)
         optimizer.step()
-        lr_scheduler.step()
+        # Under fp16 the gradient scaler skips a step whose gradients hold inf/NaN; the schedule waits for it too.
+        if not optimizer.step_was_skipped:
+            lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         task.after_optimizer_step()
         losses.append(accelerator.gather(step_loss[None]).mean().item())

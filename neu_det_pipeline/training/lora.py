@@ -324,10 +324,7 @@ class LoraTraining:
         torch.manual_seed(config.run.seed)  # adapter initialisation draws from the global RNG: same seed, same run
         self.modules = add_lora_adapters(components, section)
         if section.gradient_checkpointing:
-            components.unet.enable_gradient_checkpointing()
-            for name, module in self.modules.items():
-                if name != "unet":
-                    module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            components.enable_gradient_checkpointing(text_encoders=section.train_text_encoder)
         self.parameters = trainable_parameters(self.modules)
 
         self.settings = TrainingSettings.from_section(section)

@@ -11,7 +11,7 @@ from diffusers.utils import make_image_grid
 
 from neu_det_pipeline.config import TrainingSection
 from neu_det_pipeline.io import atomic_write_bytes, save_image, write_json
-from neu_det_pipeline.training.diffusion import DiffusionComponents, inference_pipeline
+from neu_det_pipeline.training.diffusion import DiffusionComponents, decode_latents, inference_pipeline
 
 LOSSES_FILE = "losses.json"
 LOSS_PLOT_FILE = "loss.png"
@@ -23,22 +23,28 @@ def save_validation_grid(
     components: DiffusionComponents, accelerator: Accelerator, prompts: list[str], section: TrainingSection,
     seed: int, out_dir: Path, step: int,
 ) -> Path:
-    """One row per prompt, `section.num_validation_images` seeded images per row, as `validation/step-<N>.png`."""
+    """One row per prompt, `section.num_validation_images` seeded images per row, as `validation/step-<N>.png`.
+
+    The denoising runs under the training's autocast (fp32 text encoders feed a half-precision UNet); the VAE
+    decodes outside it, in its own dtype, as in training (the SDXL VAE gives NaN, black images, in fp16).
+    """
     pipe = inference_pipeline(components)
     pipe.set_progress_bar_config(disable=True)
     images = []
-    with accelerator.autocast():
-        for prompt in prompts:
-            # CPU generators give the same starting noise on every device.
-            generators = [torch.Generator().manual_seed(seed + i) for i in range(section.num_validation_images)]
-            images += pipe(
+    for prompt in prompts:
+        # CPU generators give the same starting noise on every device.
+        generators = [torch.Generator().manual_seed(seed + i) for i in range(section.num_validation_images)]
+        with accelerator.autocast():
+            latents = pipe(
                 prompt,
                 num_images_per_prompt=section.num_validation_images,
                 num_inference_steps=section.validation_inference_steps,
                 height=section.resolution,
                 width=section.resolution,
                 generator=generators,
+                output_type="latent",
             ).images
+        images += decode_latents(components.vae, latents)
     grid = make_image_grid(images, rows=len(prompts), cols=section.num_validation_images)
     return save_image(grid, out_dir / VALIDATION_DIR / f"step-{step:06d}.png")
 

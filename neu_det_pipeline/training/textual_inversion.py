@@ -13,7 +13,9 @@ class and text encoder, named like diffusers' SDXL textual inversion example (`l
     pipe.load_textual_inversion(f"{step1}/learned_embeds_2-crazing.safetensors", token="<neu-crazing>",
                                 text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)  # SDXL only
 
-or all classes at once with :func:`load_learned_embeddings` (reads `token_map.json`).
+or all classes at once with :func:`load_learned_embeddings` (reads `token_map.json`), which also makes the text
+encoders pool at EOS (:func:`~neu_det_pipeline.training.diffusion.pool_at_eos`): with the hub's configs an SDXL
+pipeline's pooled prompt embedding would otherwise be read at the class token.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from neu_det_pipeline.config import PipelineConfig, TextualInversionConfig
 from neu_det_pipeline.errors import PipelineError
 from neu_det_pipeline.io import atomic_write_bytes, read_json, write_json
 from neu_det_pipeline.training.data import DefectImageDataset, PromptFn
-from neu_det_pipeline.training.diffusion import load_components
+from neu_det_pipeline.training.diffusion import load_components, pool_at_eos
 from neu_det_pipeline.training.loop import (
     TrainingSettings,
     TrainingTask,
@@ -154,7 +156,11 @@ def save_learned_embeddings(
 
 
 def load_learned_embeddings(pipe: DiffusionPipeline, step1_dir: Path) -> dict[str, str]:
-    """Load every class token of a Step 1 run into `pipe` (SD 1.5 or SDXL, ControlNet or not); class -> token."""
+    """Load every class token of a Step 1 run into `pipe` (SD 1.5 or SDXL, ControlNet or not); class -> token.
+
+    The pipeline's text encoders then pool at EOS (:func:`pool_at_eos`): with the hub's configs they would pool
+    at the new, highest token ids, and SDXL's pooled prompt embedding would stop at the class token.
+    """
     token_map = read_json(Path(step1_dir) / TOKEN_MAP_FILE)
     for entry in token_map.values():
         for encoder_name, file_name in entry["files"].items():
@@ -163,6 +169,9 @@ def load_learned_embeddings(pipe: DiffusionPipeline, step1_dir: Path) -> dict[st
                 str(Path(step1_dir) / file_name), token=entry["token"],
                 text_encoder=getattr(pipe, encoder_name), tokenizer=getattr(pipe, tokenizer_name),
             )
+    for encoder_name, tokenizer_name in zip(TEXT_ENCODER_NAMES, TOKENIZER_NAMES):
+        if getattr(pipe, encoder_name, None) is not None:
+            pool_at_eos(getattr(pipe, tokenizer_name), getattr(pipe, encoder_name))
     return {name: entry["token"] for name, entry in token_map.items()}
 
 
@@ -200,6 +209,8 @@ class TextualInversion:
             add_placeholder_tokens(tokenizer, encoder, self.tokens, words)
             for tokenizer, encoder in zip(self.components.tokenizers, self.components.text_encoders)
         ]
+        if section.gradient_checkpointing:
+            self.components.enable_gradient_checkpointing(text_encoders=True)
         self.settings = TrainingSettings.from_section(section)
         dataset = DefectImageDataset(
             step0_dir, train_rows(step0_dir), section.resolution, template_prompts(section.templates, self.tokens),
