@@ -56,25 +56,35 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE_ROOT = REPO / "data" / "neu-det-sample"
 RESULT_PREFIX = "REALSIZE-RESULT "
 
-# Published parameter counts (random weights have the same count; each number checked against a public source):
-PUBLISHED: dict[str, tuple[float, str]] = {
-    # diffusers' SD 1.5 UNet2DConditionModel: 859.52 M (the SD v1 model card: "an 860M UNet").
-    "sd15/unet": (859.52e6, "huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5 model card: 860M UNet"),
-    "sd15/vae": (83.65e6, "AutoencoderKL f=8, SD 1.x/SDXL: 83.65 M (diffusers docs / SDXL report)"),
-    "sd15/text_encoder": (123.06e6, "CLIP ViT-L/14 text transformer: 123 M (SD model card: 123M text encoder)"),
-    "sdxl/unet": (2.567e9, "SDXL report (Podell et al. 2023, Table 1): 2.6 B UNet parameters (2,567 M)"),
-    "sdxl/vae": (83.65e6, "SDXL VAE: the SD architecture, 83.65 M"),
-    "sdxl/text_encoder": (123.06e6, "SDXL report: CLIP ViT-L text encoder, 123 M"),
-    "sdxl/text_encoder_2": (694.66e6, "SDXL report: OpenCLIP ViT-bigG/14 text encoder, 694.7 M"),
-    "controlnet-sd15-softedge": (361.28e6, "ControlNet v1.1 (lllyasviel) for SD 1.5: 361 M"),
-    "controlnet-sd15-depth": (361.28e6, "ControlNet v1.1 (lllyasviel) for SD 1.5: 361 M"),
-    "controlnet-sdxl-union": (1.25e9, "xinsir/controlnet-union-sdxl-1.0: 2.5 GB fp16 safetensors, about 1.25 B"),
-    "depth": (24.8e6, "Depth Anything V2 Small: 24.8 M (model card)"),
-    "dinov3-timm": (21.6e6, "DINOv3 ViT-S/16 distilled: 21 M (model card); timm without head: 21.6 M"),
-    "inception": (23.8e6, "Inception-v3 (torch-fidelity's FID network, 2048-d pool, with its 1008-class fc: 23.8 M)"),
+# Published parameter counts (random weights have the same count). Sources, checked with the project's search tool:
+# [sdxl-blog] sdxlturbo.ai "SDXL 1.0 vs Stable Diffusion 1.5": SD 1.5 860 M, its CLIP ViT-L/14 text encoder 123 M,
+#   SDXL 2.6 B, OpenCLIP ViT-G 695 M (the numbers of the SDXL report, Podell et al. 2023);
+# [sdxl-csdn] blog.csdn.net/Silver_ljh/article/details/140830691: SDXL base in fp16: U-Net 5.14 GB (2.57 B), VAE
+#   167 MB (83.5 M), text encoders 1.39 GB (695 M) + 246 MB (123 M);
+# [cn-hub] huggingface.co/lllyasviel/control_v11p_sd15_softedge: diffusion_pytorch_model.safetensors 1.45 GB fp32,
+#   .fp16.bin 723 MB (the fp16 copy is 722,601,100 bytes: 361.3 M);
+# [union-hub] huggingface.co/xinsir/controlnet-union-sdxl-1.0: diffusion_pytorch_model.safetensors 2.51 GB, fp16;
+# [dav2] github.com/DepthAnything/Depth-Anything-V2 README: Depth-Anything-V2-Small 24.8 M;
+# [dinov3] DINOv3 ViT-S/16 model card (MLX port, mlx-vision/vit_small_patch16_224.dinov3): "ViT-S/16 (21M parameters)";
+# [inception] pytorch.org torchvision inception_v3: num_params 27,161,264 with the auxiliary classifier, which the FID
+#   network has not; without it 23.8 M (lucid-dl/inception-v3 model card).
+PUBLISHED: dict[str, float] = {
+    "sd15/unet": 860e6,  # [sdxl-blog]
+    "sd15/vae": 83.5e6,  # [sdxl-csdn]: the SDXL VAE has SD's architecture
+    "sd15/text_encoder": 123e6,  # [sdxl-blog]
+    "sdxl/unet": 2.57e9,  # [sdxl-csdn], "2.6 B" in [sdxl-blog]
+    "sdxl/vae": 83.5e6,  # [sdxl-csdn]
+    "sdxl/text_encoder": 123e6,  # [sdxl-blog], [sdxl-csdn]
+    "sdxl/text_encoder_2": 695e6,  # [sdxl-blog], [sdxl-csdn]
+    "controlnet-sd15-softedge": 361.3e6,  # [cn-hub]
+    "controlnet-sd15-depth": 361.3e6,  # [cn-hub]: the same architecture
+    "controlnet-sdxl-union": 1.255e9,  # [union-hub]: 2.51 GB / 2 bytes
+    "depth": 24.8e6,  # [dav2]
+    "dinov3-timm": 21e6,  # [dinov3]
+    "inception": 23.8e6,  # [inception]
 }
+"""Model -> published parameter count, compared with the count of each built network."""
 
-TINY_SETTINGS = ["--train-steps", "2", "--feature-images", "4", "--sdxl-resolution", "64"]
 MODELS: dict[str, tuple[str, ...]] = {
     "step1": ("sd15",),
     "step3-lora": ("sd15", "clip"),
@@ -125,8 +135,7 @@ def parameter_rows(modules: dict[str, torch.nn.Module]) -> list[dict[str, Any]]:
     for name, module in modules.items():
         count = sum(p.numel() for p in module.parameters())
         finite = all(bool(torch.isfinite(p).all()) for p in module.parameters())
-        published = PUBLISHED.get(name)
-        rows.append({"model": name, "params": count, "published": published[0] if published else None, "finite": finite})
+        rows.append({"model": name, "params": count, "finite": finite})
     return rows
 
 
@@ -470,6 +479,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--models-dir", type=Path, default=None, help="where models are built (kept); default: a temporary folder")
     parser.add_argument("--json", type=Path, default=None, help="also write every result to this JSON file")
+    parser.add_argument("--list", action="store_true", help="print what would be built and measured, run nothing")
     parser.add_argument("--part", default=None, help=argparse.SUPPRESS)  # child process
     parser.add_argument("--run-dir", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -487,6 +497,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def needed_models(parts: list[str]) -> list[str]:
     return list(dict.fromkeys(model for part in parts for model in MODELS[part]))
+
+
+def plan_lines(args: argparse.Namespace) -> list[str]:
+    """What a run with these arguments builds and measures (`--list`)."""
+    memory = "peak GPU memory" if args.device == "cuda" else "peak RSS"
+    training = f"{args.train_steps} optimizer steps, steps/s after the first, {memory}"
+    if args.device == "cuda":
+        generation = f"images/s at batch {', '.join(map(str, args.batch_sizes))}, compile off and on, config resolution, {args.dtype}"
+    else:
+        generation = "1 image at batch 1"
+    described = {
+        "step1": training, "step3-lora": training, "step3-dora": training, "step6": training,
+        "step4-sd15": f"{generation}, NaN/Inf in latents and images, {memory}",
+        "step4-sdxl": f"{generation if args.device == 'cuda' else f'1 image at {args.sdxl_resolution} px in bf16'}, "
+                      f"NaN/Inf in latents and images, {memory}",
+        "step5": f"Inception + DINOv3 features of {args.feature_images} images, {memory}",
+    }
+    return [f"models ({args.size} size): {', '.join(needed_models(args.parts))}",
+            *(f"{part}: {described[part]}" for part in args.parts)]
 
 
 def child_command(args: argparse.Namespace, part: str, run_dir: Path) -> list[str]:
@@ -524,8 +553,8 @@ def params_cell(rows: list[dict[str, Any]]) -> str:
     cells = []
     for row in rows:
         text = f"{row['model']} {row['params'] / 1e6:.1f} M"
-        if row["published"]:
-            text += f" (published {row['published'] / 1e6:.1f} M, {row['params'] / row['published']:.3f}x)"
+        if published := PUBLISHED.get(row["model"]):
+            text += f" (published {published / 1e6:.1f} M, {row['params'] / published:.3f}x)"
         cells.append(text)
     return "; ".join(cells) or "-"
 
@@ -551,6 +580,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.part:
         run_child_part(args)
+        return 0
+    if args.list:
+        print("\n".join(plan_lines(args)))
         return 0
     with tempfile.TemporaryDirectory(prefix="realsize-") as tmp:
         args.models_dir = (args.models_dir or Path(tmp) / "models").resolve()
