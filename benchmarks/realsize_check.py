@@ -15,7 +15,7 @@ resident memory (`ru_maxrss`) and, on CUDA, the peak GPU memory (`torch.cuda.max
 Parts, on Step 0's copies of a few real images (data/neu-det-sample, Step 0 run first into a temporary folder):
 
     step1          Step 1's TextualInversion: `--train-steps` optimizer steps at textual_inversion.resolution,
-                   batch 1, and its final validation cut to 1 image with 2 inference steps
+                   batch 1 (CUDA: the config's batch), and its final validation cut to 1 image with 2 inference steps
     step3-lora     Step 3's LoraTraining (LoRA, AdamW), the same settings (Step 1 tokens from `step1`,
                    Step 2 plain prompts)
     step3-dora     the same with DoRA and bitsandbytes AdamW8bit
@@ -28,8 +28,8 @@ Parts, on Step 0's copies of a few real images (data/neu-det-sample, Step 0 run 
     step6          Step 6's ClassifierTraining with the DINOv3 ViT-S/16 backbone (pretrained=true: the random
                    "pretrained" weights are loaded), one epoch cut to `--train-steps` optimizer steps
 
-With ``--device cuda --dtype fp16|bf16`` (GPU): the config's own resolutions (base.yaml: 512 px SD 1.5, 1024 px
-SDXL) and precision; Step 4 images/s at `--batch-sizes` (1, 4, 8), with and without `generation.compile`;
+With ``--device cuda --dtype fp16|bf16`` (GPU): the config's own resolutions and batch sizes (base.yaml: 512 px;
+SDXL at its native 1024 px, as configs/experiments/exp_c_sdxl_all.yaml) and precision; Step 4 images/s at `--batch-sizes` (1, 4, 8), with and without `generation.compile`;
 training steps/s after one warm-up step; peak GPU memory per part.
 """
 
@@ -258,12 +258,12 @@ def config_for(args: argparse.Namespace, run_dir: Path, *extra: str):
         f"models.controlnet_union_sdxl={models / 'controlnet-sdxl-union'}",
         f"models.annotators={models / 'annotators'}", f"models.depth={models / 'depth'}",
         f"models.dinov3={models / 'dinov3-timm'}",
-        # Training parts: batch 1, no warm-up, no checkpoints; the final validation cut to 1 image, 2 steps.
-        f"textual_inversion.max_train_steps={args.train_steps}", "textual_inversion.train_batch_size=1",
+        # Training parts: no warm-up, no checkpoints; the final validation cut to 1 image, 2 steps.
+        f"textual_inversion.max_train_steps={args.train_steps}",
         "textual_inversion.lr_warmup_steps=0", "textual_inversion.checkpointing_steps=1000000",
         "textual_inversion.validation_steps=1000000", "textual_inversion.num_validation_images=1",
         "textual_inversion.validation_inference_steps=2",
-        f"lora.max_train_steps={args.train_steps}", "lora.train_batch_size=1", "lora.lr_warmup_steps=0",
+        f"lora.max_train_steps={args.train_steps}", "lora.lr_warmup_steps=0",
         "lora.checkpointing_steps=1000000", "lora.validation_steps=1000000", "lora.num_validation_images=1",
         "lora.validation_inference_steps=2",
         # Step 3's upstream Step 2 writes plain prompts (template + token): its CLIP keyword ranking does not change
@@ -276,6 +276,8 @@ def config_for(args: argparse.Namespace, run_dir: Path, *extra: str):
         "classifier.backbone=dinov3", "classifier.pretrained=true", "classifier.epochs=1", "classifier.freeze_epochs=0",
         "classifier.warmup_epochs=0",
     ]
+    if args.device == "cpu":  # batch 1 on CPU; a GPU trains at the config's batch size
+        overrides += ["textual_inversion.train_batch_size=1", "lora.train_batch_size=1"]
     return load_config(args.config, [*overrides, *extra])
 
 
@@ -343,8 +345,7 @@ def part_step4(args: argparse.Namespace, run_dir: Path, family: str) -> dict[str
     extra = [f"models.pipeline={family}"]
     if family == "sdxl":
         extra.append("generation.union_controlnet=true")
-        if args.device == "cpu":
-            extra.append(f"generation.resolution={args.sdxl_resolution}")
+        extra.append(f"generation.resolution={args.sdxl_resolution}")
     elif args.device == "cpu" and args.size == "real":
         extra.append("generation.resolution=512")
     config = config_for(args, run_dir, *extra)
@@ -474,7 +475,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, default=None, help="default: configs/base.yaml (real), configs/smoke.yaml (tiny)")
     parser.add_argument("--train-steps", type=int, default=None, help="optimizer steps per training part (CPU 2, CUDA 20)")
     parser.add_argument("--feature-images", type=int, default=8)
-    parser.add_argument("--sdxl-resolution", type=int, default=512, help="SDXL generation side on CPU (CUDA: the config's)")
+    parser.add_argument("--sdxl-resolution", type=int, default=None,
+                        help="SDXL generation side (default: 512 on CPU, SDXL's native 1024 on CUDA as in exp_c_sdxl_all.yaml)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8], help="Step 4 batch sizes on CUDA")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--models-dir", type=Path, default=None, help="where models are built (kept); default: a temporary folder")
@@ -485,6 +487,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.config = args.config or REPO / "configs" / ("base.yaml" if args.size == "real" else "smoke.yaml")
     args.train_steps = args.train_steps or (2 if args.device == "cpu" else 20)
+    args.sdxl_resolution = args.sdxl_resolution or (1024 if args.device == "cuda" else 512)
     if args.size == "tiny":
         args.sdxl_resolution = min(args.sdxl_resolution, 64)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -504,13 +507,13 @@ def plan_lines(args: argparse.Namespace) -> list[str]:
     memory = "peak GPU memory" if args.device == "cuda" else "peak RSS"
     training = f"{args.train_steps} optimizer steps, steps/s after the first, {memory}"
     if args.device == "cuda":
-        generation = f"images/s at batch {', '.join(map(str, args.batch_sizes))}, compile off and on, config resolution, {args.dtype}"
+        generation = f"images/s at batch {', '.join(map(str, args.batch_sizes))}, compile off and on, {args.dtype}"
     else:
         generation = "1 image at batch 1"
     described = {
         "step1": training, "step3-lora": training, "step3-dora": training, "step6": training,
-        "step4-sd15": f"{generation}, NaN/Inf in latents and images, {memory}",
-        "step4-sdxl": f"{generation if args.device == 'cuda' else f'1 image at {args.sdxl_resolution} px in bf16'}, "
+        "step4-sd15": f"{generation} at generation.resolution, NaN/Inf in latents and images, {memory}",
+        "step4-sdxl": f"{generation if args.device == 'cuda' else '1 image in bf16'} at {args.sdxl_resolution} px, "
                       f"NaN/Inf in latents and images, {memory}",
         "step5": f"Inception + DINOv3 features of {args.feature_images} images, {memory}",
     }

@@ -120,7 +120,7 @@ def test_realsize_check_cuda_arguments(monkeypatch: pytest.MonkeyPatch, capsys: 
     plan = realsize.plan_lines(args)
     assert plan[0] == "models (real size): sd15, sdxl, controlnet-sdxl-union, annotators, depth", plan
     assert plan[1] == "step1: 20 optimizer steps, steps/s after the first, peak GPU memory", plan
-    assert "batch 1, 4, 8, compile off and on, config resolution, fp16" in plan[2], plan
+    assert "images/s at batch 1, 4, 8, compile off and on, fp16 at 1024 px" in plan[2], plan
     child = realsize.child_command(args, "step1", Path("run"))
     assert child[child.index("--device") + 1] == "cuda" and child[child.index("--dtype") + 1] == "fp16"
 
