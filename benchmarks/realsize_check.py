@@ -315,7 +315,7 @@ def part_step3(args: argparse.Namespace, run_dir: Path, dora: bool) -> dict[str,
 
     extra = ["lora.use_dora=true", "lora.optimizer=adamw8bit"] if dora else []
     config = config_for(args, run_dir, *extra)
-    if not (run_dir / "step1_textual_inversion" / "summary.json").is_file() and not (run_dir / "step1_textual_inversion").is_dir():
+    if not (run_dir / "step1_textual_inversion").is_dir():  # the step1 part did not run: one step for the tokens
         TextualInversion(config_for(args, run_dir, "textual_inversion.max_train_steps=1"), run_dir / "step0_prepare",
                          run_dir / "step1_textual_inversion").run()
     if not (run_dir / "step2_captions").is_dir():
@@ -359,7 +359,14 @@ def part_step4(args: argparse.Namespace, run_dir: Path, family: str) -> dict[str
     batch_sizes = [1] if device.type == "cpu" else args.batch_sizes
     compile_options = [False] if device.type == "cpu" else [False, True]
     watch, rates = FiniteWatch(), {}
+    sources = [item for item in plan if item.image_class == plan[0].image_class][: max(batch_sizes)]
     with tempfile.TemporaryDirectory() as out:
+        # Control maps (PiDiNet, Depth Anything) made once, before any timing: images/s is generation alone.
+        maps_started = time.perf_counter()
+        for item in sources:
+            for control in section.controls:
+                SyntheticImageMaker(config, lambda: None, cache, device, Path(out)).control_map(item.source, control)
+        maps_s = time.perf_counter() - maps_started
         for compiled in compile_options:
             run_config = config_for(args, run_dir, *extra, f"generation.compile={str(compiled).lower()}")
             load_started = time.perf_counter()
@@ -368,7 +375,7 @@ def part_step4(args: argparse.Namespace, run_dir: Path, family: str) -> dict[str
             maker = SyntheticImageMaker(run_config, lambda generator=generator: generator, cache, device, Path(out))
             with watch.watching(generator.pipe.vae.decoder):
                 for size in batch_sizes:
-                    batch = [item for item in plan if item.image_class == plan[0].image_class][:size]
+                    batch = sources[:size]
                     if device.type == "cuda":
                         maker.make(batch)  # warm-up (and compilation) outside the timing
                     cuda_sync()
@@ -377,10 +384,10 @@ def part_step4(args: argparse.Namespace, run_dir: Path, family: str) -> dict[str
                     cuda_sync()
                     rates[f"batch {len(batch)}{', compiled' if compiled else ''}"] = len(batch) / (time.perf_counter() - started)
             del generator, maker
-    return {"images_per_s": rates, "load_s": load_s, "finite": watch.finite, "nonfinite": watch.nonfinite,
+    return {"images_per_s": rates, "load_s": load_s, "maps_s": maps_s, "finite": watch.finite, "nonfinite": watch.nonfinite,
             "detail": f"{family}, {section.resolution} px, {str(dtype).removeprefix('torch.')}, {section.num_inference_steps} steps, "
                       f"controls {'union' if section.union_controlnet else '+'.join(section.controls)}, "
-                      f"CFG rescale {section.guidance_rescale}; NaN/Inf in latents {watch.nonfinite['inputs']}, "
+                      f"CFG rescale {section.guidance_rescale}; pipeline load {load_s:.0f} s, control maps {maps_s:.0f} s; NaN/Inf in latents {watch.nonfinite['inputs']}, "
                       f"in images {watch.nonfinite['outputs']}"}
 
 
