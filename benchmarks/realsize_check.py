@@ -578,9 +578,9 @@ def table(results: list[dict[str, Any]], device: str) -> str:
         finite = "yes" if r.get("finite", True) and models_ok and "error" not in r else "no"
         detail = r.get("error") or r.get("detail", "")
         if r.get("steps_per_s"):
-            detail += f"; {r['steps_per_s']:.3f} steps/s after the first"
+            detail += f"; {r['steps_per_s']:.3g} steps/s ({1 / r['steps_per_s']:.1f} s/step) after the first"
         if r.get("images_per_s"):
-            detail += "; " + ", ".join(f"{key}: {rate:.3f} images/s" for key, rate in r["images_per_s"].items())
+            detail += "; " + ", ".join(f"{key}: {rate:.3g} images/s ({1 / rate:.1f} s/image)" for key, rate in r["images_per_s"].items())
         lines.append(f"| {r['part']} | {r['seconds']:.1f} | {'-' if peak is None else f'{peak:.2f}'} | "
                      f"{params_cell(r.get('models', []))} | {finite} | {detail} |")
     return "\n".join(lines)
