@@ -5,6 +5,8 @@ The measured numbers live in BENCHMARKS.md; here only that every script runs and
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -12,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO, SAMPLE_ROOT, SMOKE_CONFIG, smoke_overrides
 
 FEW_STEPS = ["--steps", "4", "--warmup", "1", "--repeats", "1"]
@@ -80,3 +83,62 @@ def test_smoke_benchmark() -> None:
     out = bench("bench_smoke.py", "--only", "step0_prepare")
     assert re.search(r"tiny models \(once per checkout\) +[\d.]+ s", out) and re.search(r"step0_prepare +[\d.]+ s", out), out
     assert re.search(r"run-all total \(process\) +[\d.]+ s", out), out
+
+
+def _realsize_module():
+    """benchmarks/realsize_check.py imported in-process (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("realsize_check", REPO / "benchmarks" / "realsize_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_realsize_check_at_tiny_size(tiny_models_dir: Path, tmp_path: Path) -> None:
+    """The real-size check's own code on the tiny models: one child process per part, one table row each."""
+    out = bench("realsize_check.py", "--size", "tiny", "--models-dir", str(tiny_models_dir), "--parts", "step4-sdxl", "step6",
+                "--json", str(tmp_path / "realsize.json"))
+    for part in ("step4-sdxl", "step6"):
+        assert re.search(rf"^\| {part} \| [\d.]+ \| [\d.]+ \| .* \| yes \| ", out, re.MULTILINE), out
+    results = {row["part"]: row for row in json.loads((tmp_path / "realsize.json").read_text())}
+    sdxl = results["step4-sdxl"]
+    assert sdxl["nonfinite"] == {"inputs": 0, "outputs": 0} and "bfloat16" in sdxl["detail"], sdxl
+    assert results["step6"]["optimizer_steps"] == 2 and results["step6"]["peak_rss_gib"] > 0
+
+
+def test_realsize_check_cuda_arguments(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """`--device cuda` without CUDA: one clear line and exit 2; with CUDA, the plan of what it measures."""
+    realsize = _realsize_module()
+    monkeypatch.setattr(realsize.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as stopped:
+        realsize.parse_args(["--device", "cuda", "--dtype", "fp16"])
+    error = capsys.readouterr().err.strip()
+    assert stopped.value.code == 2 and len(error.splitlines()) == 1 and "no CUDA device" in error, error
+
+    monkeypatch.setattr(realsize.torch.cuda, "is_available", lambda: True)
+    args = realsize.parse_args(["--device", "cuda", "--dtype", "fp16", "--parts", "step1", "step4-sdxl"])
+    plan = realsize.plan_lines(args)
+    assert plan[0] == "models (real size): sd15, sdxl, controlnet-sdxl-union, annotators, depth", plan
+    assert plan[1] == "step1: 20 optimizer steps, steps/s after the first, peak GPU memory", plan
+    assert "images/s at batch 1, 4, 8, compile off and on, fp16 at 1024 px" in plan[2], plan
+    child = realsize.child_command(args, "step1", Path("run"))
+    assert child[child.index("--device") + 1] == "cuda" and child[child.index("--dtype") + 1] == "fp16"
+
+
+def test_realsize_check_finds_planted_nan() -> None:
+    """The NaN/Inf watch on the VAE decoder counts non-finite latents (inputs) and images (outputs)."""
+    realsize = _realsize_module()
+    decoder = torch.nn.Conv2d(4, 3, 3, padding=1)
+    watch = realsize.FiniteWatch()
+    with watch.watching(decoder):
+        decoder(torch.randn(1, 4, 8, 8))
+    assert watch.finite and watch.nonfinite == {"inputs": 0, "outputs": 0}
+    latents = torch.randn(1, 4, 8, 8)
+    latents[0, 1, 2, 3] = float("nan")
+    latents[0, 2, 5, 5] = float("inf")
+    with watch.watching(decoder):
+        images = decoder(latents)
+    assert watch.nonfinite["inputs"] == 2 and watch.nonfinite["outputs"] == realsize.nonfinite_count(images) > 0
+    assert not watch.finite
+    decoder(latents)  # the hook is gone after the block
+    assert watch.nonfinite["inputs"] == 2
