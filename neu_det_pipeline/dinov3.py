@@ -35,14 +35,16 @@ def _read_config(model_id: str) -> dict:
         return json.load(file)
 
 
-def timm_model_name(model_id: str) -> str | None:
-    """`hf-hub:<repo>` or `local-dir:<folder>` when `model_id` holds timm weights, None for a transformers model.
+def is_timm_config(config: dict) -> bool:
+    """Whether a DINOv3 `config.json` is timm's: the one place that tells the two forms apart (timm's names its
+    `architecture`, transformers' lists `architectures` and says `model_type`)."""
+    return "architecture" in config
 
-    The one place that tells the two forms apart: timm's config.json names its `architecture`, transformers'
-    lists `architectures`.
-    """
+
+def timm_model_name(model_id: str) -> str | None:
+    """`hf-hub:<repo>` or `local-dir:<folder>` when `model_id` holds timm weights, None for a transformers model."""
     config = load_model(CONFIG_KEY, model_id, lambda: _read_config(model_id))
-    if "architecture" not in config:
+    if not is_timm_config(config):
         return None
     folder = local_folder(model_id)
     return f"local-dir:{folder}" if folder is not None else f"hf-hub:{model_id}"

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from neu_det_pipeline.config import PipelineConfig
+from neu_det_pipeline.models import HALF_PRECISION_VARIANT
 
 TIMEOUT_S = 10
 
@@ -99,7 +100,7 @@ class HubChecker:
         self.api = HfApi(endpoint=self.endpoint)
         self.findings = HubFindings()
         # The loaders take the fp16 files in half precision where a repo has them (models.weights_variant).
-        self.variant = "fp16" if config.run.mixed_precision in ("fp16", "bf16") else None
+        self.variant = HALF_PRECISION_VARIANT if config.run.mixed_precision in ("fp16", "bf16") else None
         self.unet_cross_attention: int | None = None
         self.unreachable = False
 
@@ -234,9 +235,11 @@ class HubChecker:
         config = self.check_transformers(key, repo, files)
         if config is None:
             return
-        # timm's config.json names its `architecture`; transformers' says `model_type` (see neu_det_pipeline/dinov3.py).
-        kind = config.get("architecture") or config.get("model_type") or "unknown model"
-        if not ("dinov3" in kind if "architecture" in config else kind == "dinov3_vit"):
+        from neu_det_pipeline.dinov3 import is_timm_config
+
+        timm = is_timm_config(config)
+        kind = (config["architecture"] if timm else config.get("model_type")) or "unknown model"
+        if not ("dinov3" in kind if timm else kind == "dinov3_vit"):
             self.findings.problems.append(
                 f"{key}={repo!r} is a {kind}, not a DINOv3 ViT: set {key}=timm/vit_small_patch16_dinov3.lvd1689m "
                 "(or facebook/dinov3-vits16-pretrain-lvd1689m)"
