@@ -130,15 +130,24 @@ def weights_variant(model_id: str, dtype: torch.dtype, subfolder: str | None = N
     return None
 
 
+@functools.cache
+def _hub_repo_files(model_id: str) -> tuple[str, ...]:
+    """The hub's file listing of a repo, asked once per process: a pipeline loads several components of one repo,
+    and each asks which variant files it has. Failures are not cached."""
+    from huggingface_hub import HfApi
+
+    return tuple(HfApi().list_repo_files(model_id))
+
+
 def _model_files(model_id: str) -> list[str]:
     """Relative paths of the files of a local folder, or of a hub repo (or its cached snapshot); [] if unknown."""
     folder = local_folder(model_id)
     if folder is None:
-        from huggingface_hub import HfApi, is_offline_mode, snapshot_download
+        from huggingface_hub import is_offline_mode, snapshot_download
 
         if not is_offline_mode():
             try:
-                return HfApi().list_repo_files(model_id)
+                return list(_hub_repo_files(model_id))
             except Exception:  # noqa: BLE001 - gated, missing, server or connection errors: the cache decides
                 pass
         try:

@@ -15,7 +15,7 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 from safetensors.torch import load_file
 
 from neu_det_pipeline.generation.pipeline import ControlNetGenerator
-from neu_det_pipeline.models import weights_variant
+from neu_det_pipeline.models import _hub_repo_files, weights_variant
 from neu_det_pipeline.training.diffusion import load_components
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -115,9 +115,17 @@ def test_hub_ids_are_listed_on_the_hub_or_else_in_the_cache(monkeypatch, tmp_pat
     assert weights_variant("org/not-cached", torch.float16) is None  # unknown: the loader reports what is missing
 
     monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: False)
-    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo_id: ["vae/diffusion_pytorch_model.fp16.safetensors"])
+    listings = []
+
+    def listing(self, repo_id):
+        listings.append(repo_id)
+        return ["vae/diffusion_pytorch_model.fp16.safetensors"]
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", listing)
     assert weights_variant("org/tiny", torch.bfloat16, "vae") == "fp16"  # online: the hub's listing
     assert weights_variant("org/tiny", torch.bfloat16, "unet") is None
+    assert listings == ["org/tiny"]  # asked once per process for all the components of a repo
+    _hub_repo_files.cache_clear()
 
     def unreachable(self, repo_id):
         raise ConnectionError("no network")
