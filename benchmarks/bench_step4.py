@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 import functools
 import statistics
 import tempfile
@@ -146,6 +147,30 @@ def map_extraction(config: PipelineConfig, run_dir: Path, images: int, resolutio
         print(f"  {name:15s} first run {rates[0]:9.2f} images/s   cached {rates[1]:9.1f} images/s")
 
 
+def compare_with_bare(args: argparse.Namespace, config: PipelineConfig, run_dir: Path, label: str,
+                      bare: Callable[[PipelineConfig, Path, ControlMapCache], float], header: str) -> str:
+    """Alternating repeats of the whole step and of `bare` on maps from one warm cache; prints the medians and their
+    ratio (step / bare). Returns the override that points a step at that cache."""
+    shared = run_dir / "maps"
+    with_cache = f"generation.control_cache_dir={shared}"
+    console.quiet = True
+    step_images_per_second(args, run_dir, run_dir / "warm", with_cache)  # fills the map cache, imports everything
+    cache = ControlMapCache(shared)
+    rates: dict[str, list[float]] = {label: [], "bare diffusers": []}
+    for repeat in range(args.repeats):
+        rates[label].append(step_images_per_second(args, run_dir, run_dir / f"step-{repeat}", with_cache))
+        rates["bare diffusers"].append(bare(config, run_dir, cache))
+    console.quiet = False
+    section = config.generation
+    print(f"{header}{section.num_inference_steps} steps, {section.resolution} px, batch {section.batch_size}, "
+          f"{len(section.controls)} ControlNets, {args.repeats} repeats, torch threads {torch.get_num_threads()}")
+    for name, values in rates.items():
+        print(f"{name:15s} median {statistics.median(values):7.3f} images/s   runs {[round(v, 3) for v in values]}")
+    ours, bare_rate = (statistics.median(values) for values in rates.values())
+    print(f"ratio step4 / bare diffusers = {ours / bare_rate:.3f} (target >= 0.95)")
+    return with_cache
+
+
 def main() -> None:
     args = parse_args()
     with prepared_run(args, TEMPLATE_PROMPTS, (step0_prepare.STEP,)) as (config, run_dir):
@@ -153,23 +178,7 @@ def main() -> None:
         if args.maps_only:
             map_extraction(config, run_dir, args.map_images, map_resolution)
             return
-        shared = run_dir / "maps"
-        with_cache = f"generation.control_cache_dir={shared}"
-        console.quiet = True
-        step_images_per_second(args, run_dir, run_dir / "warm", with_cache)  # fills the map cache, imports everything
-        cache = ControlMapCache(shared)
-        rates: dict[str, list[float]] = {"step4": [], "bare diffusers": []}
-        for repeat in range(args.repeats):
-            rates["step4"].append(step_images_per_second(args, run_dir, run_dir / f"step-{repeat}", with_cache))
-            rates["bare diffusers"].append(bare_images_per_second(config, run_dir, cache))
-        console.quiet = False
-        section = config.generation
-        print(f"{section.num_inference_steps} steps, {section.resolution} px, batch {section.batch_size}, "
-              f"{len(section.controls)} ControlNets, {args.repeats} repeats, torch threads {torch.get_num_threads()}")
-        for name, values in rates.items():
-            print(f"{name:15s} median {statistics.median(values):7.3f} images/s   runs {[round(v, 3) for v in values]}")
-        ours, bare = (statistics.median(values) for values in rates.values())
-        print(f"ratio step4 / bare diffusers = {ours / bare:.3f} (target >= 0.95)")
+        with_cache = compare_with_bare(args, config, run_dir, "step4", bare_images_per_second, "")
         console.quiet = True
         for size in args.batch_sizes:
             rate = step_images_per_second(args, run_dir, run_dir / f"batch-{size}", with_cache, f"generation.batch_size={size}")

@@ -169,10 +169,10 @@ def build_real_model(name: str, folder: Path) -> dict[str, torch.nn.Module]:
             "text_encoder": CLIPTextModel(text_config("sd15/text_encoder/config.json")),
         }
         pipeline = StableDiffusionPipeline(
-            **parts, tokenizer=tb._clip_tokenizer("sd15/tokenizer"), safety_checker=None, feature_extractor=None,
+            **parts, tokenizer=tb.clip_tokenizer("sd15/tokenizer"), safety_checker=None, feature_extractor=None,
             scheduler=PNDMScheduler.from_config(tb.real_config("sd15/scheduler/scheduler_config.json")), requires_safety_checker=False,
         )
-        tb._save_pipeline(pipeline, folder, {"tokenizer": "sd15/tokenizer"})
+        tb.save_pipeline(pipeline, folder, {"tokenizer": "sd15/tokenizer"})
         return {f"sd15/{key}": module for key, module in parts.items()}
     if name == "sdxl":
         with bf16_default():  # 2.6 B + 0.8 B parameters: built and saved in bf16 (half the memory)
@@ -183,13 +183,13 @@ def build_real_model(name: str, folder: Path) -> dict[str, torch.nn.Module]:
                 "text_encoder_2": CLIPTextModelWithProjection(text_config("sdxl/text_encoder_2/config.json")),
             }
         pipeline = StableDiffusionXLPipeline(
-            **parts, tokenizer=tb._clip_tokenizer("sdxl/tokenizer"), tokenizer_2=tb._clip_tokenizer("sdxl/tokenizer_2"),
+            **parts, tokenizer=tb.clip_tokenizer("sdxl/tokenizer"), tokenizer_2=tb.clip_tokenizer("sdxl/tokenizer_2"),
             scheduler=EulerDiscreteScheduler.from_config(tb.real_config("sdxl/scheduler/scheduler_config.json")),
         )
-        tb._save_pipeline(pipeline, folder, {"tokenizer": "sdxl/tokenizer", "tokenizer_2": "sdxl/tokenizer_2"})
+        tb.save_pipeline(pipeline, folder, {"tokenizer": "sdxl/tokenizer", "tokenizer_2": "sdxl/tokenizer_2"})
         return {f"sdxl/{key}": module for key, module in parts.items()}
     if name.startswith("controlnet-"):
-        real = tb._REAL_FILE[name]
+        real = tb.REAL_CONFIG_FILE[name]
         if name == "controlnet-sdxl-union":
             with bf16_default():
                 model = ControlNetUnionModel.from_config(tb.real_config(real))

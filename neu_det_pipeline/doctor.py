@@ -18,7 +18,9 @@ from pathlib import Path
 import yaml
 from rich.table import Table
 
+from neu_det_pipeline.classifier.backbone_sizes import DINOV3_SIZES
 from neu_det_pipeline.config import PipelineConfig
+from neu_det_pipeline.config.generation import INPAINT_MODES
 from neu_det_pipeline.models import local_folder
 
 ANNOTATOR_FILES = {
@@ -41,6 +43,7 @@ PARAMETERS_M = {
     "clip": 428,               # openai/clip-vit-large-patch14
     "open_clip": 986,          # OpenCLIP ViT-H-14 (open_clip's model table)
     "blip2": 3870,             # Salesforce/blip2-opt-2.7b model page: 3.87B (ViT-g + Q-Former + OPT-2.7B)
+    "llava": 7063,             # llava-hf/llava-1.5-7b-hf: Vicuna-7B (6.74B) + CLIP ViT-L/14-336 (304M) + projector (21M)
     "dinov3": 22,              # DINOv3 ViT-S/16 (DINOv3 model card: 21.6M)
     "inception": 24,           # FID Inception v3 (pt_inception-2015-12-05)
     "depth": 25,               # Depth-Anything-V2-Small (24.8M)
@@ -88,6 +91,8 @@ class ModelNeed:
     """For models that are not on the hub: what downloads them on first use (None with no probe: a file the config names)."""
     where: str = ""
     problem: str | None = None
+    local_fix: str | None = None
+    """What to do instead of downloading, where it is not `set <key> to a folder` (a key that takes no folder)."""
 
 
 @dataclass
@@ -172,15 +177,17 @@ def model_needs(config: PipelineConfig) -> list[ModelNeed]:
     """Every model the config's steps load, with the steps that load it."""
     needs: dict[tuple[str, str], ModelNeed] = {}
 
-    def need(key: str, model_id: str | None, step: str, probe: str | None, fetched_by: str | None = None) -> None:
+    def need(key: str, model_id: str | None, step: str, probe: str | None, fetched_by: str | None = None,
+             local_fix: str | None = None) -> None:
         if model_id is None:
             return
-        entry = needs.setdefault((key, model_id), ModelNeed(key, model_id, [], probe, fetched_by))
+        entry = needs.setdefault((key, model_id), ModelNeed(key, model_id, [], probe, fetched_by, local_fix=local_fix))
         if step not in entry.steps:
             entry.steps.append(step)
 
     models, family = config.models, config.models.pipeline
-    for step in ("step1_textual_inversion", "step3_lora", "step4_generate"):
+    # SD3 (experimental) serves Step 4 only: Steps 1 and 3 refuse it.
+    for step in ("step4_generate",) if family == "sd3" else ("step1_textual_inversion", "step3_lora", "step4_generate"):
         need(f"models.{family}", getattr(models, family), step, "model_index.json")
     captions = config.captions
     if "clip" in captions.ranking_backends:
@@ -189,9 +196,18 @@ def model_needs(config: PipelineConfig) -> list[ModelNeed]:
         need("models.open_clip", models.open_clip, "step2_captions", "open_clip_config.json")
     if captions.prompt_style == "blip2":
         need("models.blip2", models.blip2, "step2_captions", "config.json")
+    if captions.resolved_captioner() == "llava":
+        need("models.llava", models.llava, "step2_captions", "config.json")
     for key, model_id in config.controlnet_ids().values():
         need(key, model_id, "step4_generate", "config.json")
     generation = config.generation
+    inpaint_id = getattr(models, f"{family}_inpaint", None)
+    if generation.mode in INPAINT_MODES and inpaint_id:
+        need(f"models.{family}_inpaint", inpaint_id, "step4_generate", "model_index.json")
+    if generation.select_by != "none":  # candidate selection scores with CLIP (and LPIPS for lpips_in_box)
+        need("models.clip", models.clip, "step4_generate", "config.json")
+    if generation.select_by == "lpips_in_box" and config.evaluation.lpips_pretrained_backbone:
+        need("evaluation.lpips_net", f"{config.evaluation.lpips_net} ImageNet weights", "step4_generate", None, "torchvision")
     for control in generation.controls:
         detector = generation.detectors[control]
         if detector == "depth_anything":
@@ -215,7 +231,21 @@ def model_needs(config: PipelineConfig) -> list[ModelNeed]:
     classifier = config.classifier
     if classifier.backbone == "dinov3" and classifier.pretrained:
         need("models.dinov3", models.dinov3, "step6_classifier", "config.json")
+    # classifier.backbone names hub repos only: a downloaded DINOv3 goes through models.dinov3.
+    if classifier.backbone in DINOV3_SIZES and classifier.pretrained:  # a size name: timm's hub repo of that size
+        need("classifier.backbone", f"timm/{DINOV3_SIZES[classifier.backbone].timm_name}", "step6_classifier", "config.json",
+             local_fix="set classifier.backbone=dinov3 and models.dinov3 to its folder")
+    if classifier.backbone.startswith("timm:") and classifier.pretrained:  # timm fetches its default tag's weights file
+        need("classifier.backbone", _timm_weights_repo(classifier.backbone.removeprefix("timm:")), "step6_classifier", "model.safetensors",
+             local_fix="set classifier.pretrained=false")
     return list(needs.values())
+
+
+def _timm_weights_repo(name: str) -> str | None:
+    """The hub repo timm downloads `name`'s pretrained weights from (None: unknown name or no hub weights)."""
+    import timm
+
+    return getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None)
 
 
 def locate(need: ModelNeed, downloads: bool) -> None:
@@ -254,7 +284,7 @@ def locate(need: ModelNeed, downloads: bool) -> None:
     elif not downloads:
         need.problem = (
             f"{need.key}={need.model_id!r} is neither a local folder nor in the Hugging Face cache and the hub is not "
-            f"usable: download it on a machine with the hub (`hf download {repo}`) or set {need.key} to a folder"
+            f"usable: download it on a machine with the hub (`hf download {repo}`) or {need.local_fix or f'set {need.key} to a folder'}"
         )
 
 
@@ -267,6 +297,8 @@ def _classifier_parameters_m(config: PipelineConfig) -> float:
     backbone = config.classifier.backbone
     if backbone == "dinov3":
         return PARAMETERS_M["dinov3"]
+    if backbone in DINOV3_SIZES:
+        return DINOV3_SIZES[backbone].parameters_millions
     import timm
     import torch
 
@@ -275,9 +307,16 @@ def _classifier_parameters_m(config: PipelineConfig) -> float:
     return sum(parameter.numel() for parameter in model.parameters()) / 1e6
 
 
+DIFFUSION_STEPS = ("step1_textual_inversion", "step3_lora", "step4_generate")
+
+
 def memory_estimates(config: PipelineConfig) -> dict[str, float]:
     """Peak GPU memory (GiB) per step: weights x bytes of the configured precision, optimizer state of what
     trains, activations scaling with batch x (resolution / base)^2. Estimates from parameter counts, not measured."""
+    if config.models.pipeline not in BASE_RESOLUTION:
+        # sd3 (experimental): no activation measurements to scale from; the steps that do not use it are estimated.
+        sd15 = memory_estimates(config.model_copy(update={"models": config.models.model_copy(update={"pipeline": "sd15"})}))
+        return {step: gib for step, gib in sd15.items() if step not in DIFFUSION_STEPS}
     family, base = config.models.pipeline, BASE_RESOLUTION[config.models.pipeline]
     half = 4 if config.run.mixed_precision == "no" else 2
     unet, text, vae = PARAMETERS_M[f"{family}_unet"], PARAMETERS_M[f"{family}_text"], PARAMETERS_M["vae"]
@@ -296,6 +335,8 @@ def memory_estimates(config: PipelineConfig) -> dict[str, float]:
     ranking = [PARAMETERS_M[name] for name in captions.ranking_backends]
     if captions.prompt_style == "blip2":
         ranking.append(PARAMETERS_M["blip2"])
+    if captions.resolved_captioner() == "llava":
+        ranking.append(PARAMETERS_M["llava"])
     step2 = _gib(sum(ranking), half) + captions.batch_size * SMALL_MODEL_GIB_PER_IMAGE["feature_224"]
 
     generation = config.generation
@@ -338,8 +379,24 @@ def gpu_memory(config: PipelineConfig, gpus: list[float], report: Report) -> Non
             )
 
 
-GATED_REPO_PREFIXES = ("facebook/dinov3-",)
-"""Hub ids gated with manual approval (timm's DINOv3 weights are not gated)."""
+GATED_REPO_PREFIXES = ("facebook/dinov3-", "stabilityai/stable-diffusion-3")
+"""Hub ids gated behind a licence to accept (DINOv3: approval by hand; timm's DINOv3 weights are not gated)."""
+
+
+def caption_endpoint(config: PipelineConfig, report: Report) -> None:
+    """`captions.captioner: openai_compatible`: where Step 2 sends its images, and whether the key variable is set
+    (doctor sends nothing to the endpoint)."""
+    captions = config.captions
+    if captions.resolved_captioner() != "openai_compatible":
+        return
+    endpoint = captions.endpoint
+    key = f"API key from ${endpoint.api_key_env}" if endpoint.api_key_env else "no API key"
+    report.machine.append(("caption endpoint", f"step2_captions sends each training image to {endpoint.base_url} ({endpoint.model}), {key}"))
+    if endpoint.api_key_env and not os.environ.get(endpoint.api_key_env):
+        report.problems.append(
+            f"captions.endpoint.api_key_env={endpoint.api_key_env!r}: the variable is not set; export {endpoint.api_key_env}=<your key> "
+            "before Step 2"
+        )
 
 
 def diagnose(config: PipelineConfig | None, online: bool = False) -> Report:
@@ -360,6 +417,7 @@ def diagnose(config: PipelineConfig | None, online: bool = False) -> Report:
                 "`hf auth login` before the first download (`--online` checks whether access is granted)"
                 for need in gated
             )
+        caption_endpoint(config, report)
         if online:
             from neu_det_pipeline.hub_check import check_online
 

@@ -87,6 +87,11 @@ def _weight_files(files: dict[str, int], folder: str, variant: str | None) -> li
     return []
 
 
+def _mmdit_width(config: dict) -> int:
+    """Width of an SD3 transformer or ControlNet config (`num_attention_heads` x `attention_head_dim`)."""
+    return config.get("num_attention_heads", 0) * config.get("attention_head_dim", 0)
+
+
 def _small_files(files: dict[str, int], folder: str) -> list[str]:
     return [name for name in files if posixpath.dirname(name) == folder and name.endswith(SMALL_FILE_SUFFIXES)]
 
@@ -102,6 +107,8 @@ class HubChecker:
         # The loaders take the fp16 files in half precision where a repo has them (models.weights_variant).
         self.variant = HALF_PRECISION_VARIANT if config.run.mixed_precision in ("fp16", "bf16") else None
         self.unet_cross_attention: int | None = None
+        self.transformer_width: int | None = None
+        """SD3: the MMDiT transformer's width (heads x head size), which an SD3 ControlNet must share."""
         self.unreachable = False
 
     # ------------------------------------------------------------------------------ repo level
@@ -177,6 +184,8 @@ class HubChecker:
             self.fetch(repo, files, _small_files(files, component) + _weight_files(files, component, self.variant))
         if "unet/config.json" in files:
             self.unet_cross_attention = self.read_json(repo, "unet/config.json").get("cross_attention_dim")
+        if "transformer/config.json" in files:
+            self.transformer_width = _mmdit_width(self.read_json(repo, "transformer/config.json"))
 
     def check_controlnet(self, key: str, repo: str, files: dict[str, int]) -> None:
         problems = self.findings.problems
@@ -199,6 +208,11 @@ class HubChecker:
             problems.append(
                 f"{key}={repo!r} has cross_attention_dim {width}, the UNet of models.{family} has {self.unet_cross_attention}: "
                 f"it is a ControlNet for another base model; set {key} to a ControlNet made for {family}"
+            )
+        if family == "sd3" and self.transformer_width is not None and _mmdit_width(config) != self.transformer_width:
+            problems.append(
+                f"{key}={repo!r} is {_mmdit_width(config)} wide, the transformer of models.sd3 is {self.transformer_width}: "
+                f"it is a ControlNet for another SD3 model (e.g. SD3.5 Large); set {key} to an SD3 Medium ControlNet"
             )
         if key == "models.controlnet_union_sdxl":
             from neu_det_pipeline.generation.pipeline import UNION_CONTROL_MODES
@@ -342,7 +356,7 @@ def check_online(config: PipelineConfig, needs: list) -> HubFindings:
     checker.findings.facts.append(("Hugging Face hub", f"asked {checker.endpoint}"))
     family = config.models.pipeline
     checks = {
-        f"models.{family}": checker.check_pipeline, "models.blip2": checker.check_blip2, "models.dinov3": checker.check_dinov3,
+        f"models.{family}": checker.check_pipeline, f"models.{family}_inpaint": checker.check_pipeline, "models.blip2": checker.check_blip2, "models.dinov3": checker.check_dinov3,
         "models.open_clip": checker.check_open_clip, "models.annotators": checker.check_annotators,
     }
     # The pipeline first: the ControlNets are compared with its UNet.

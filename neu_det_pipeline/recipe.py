@@ -4,7 +4,9 @@ A step is a :class:`Step`: a name, the config keys its outputs depend on, the st
 it reads, and a ``run(ctx)`` function. :func:`run_step` does the rest the same way for every step:
 it checks prerequisites, decides whether the outputs are up to date (a fingerprint of the config
 keys, the upstream fingerprints and the step's input files), clears stale outputs, saves the resolved
-config, shows progress and writes ``summary.json`` last, so a step without one never finished.
+config, shows progress, measures what the step cost (``summary.json``'s ``cost``: wall time, processes, GPU-hours,
+peak GPU and host memory; see :mod:`neu_det_pipeline.cost`) and writes ``summary.json`` last, so a step without one
+never finished.
 
 One run per step folder: while a step runs, its process holds ``<run.output_dir>/.locks/<step>.lock``
 (``fcntl.flock``, outside the step folder, which may be cleared). A second process starting the same step on the
@@ -24,7 +26,6 @@ import shlex
 import shutil
 import socket
 import sys
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,14 @@ from rich.progress import (
 from rich.table import Table
 
 from neu_det_pipeline.config import PipelineConfig, config_hash, dump_config
+from neu_det_pipeline.cost import (
+    CostMeter,
+    clear_rank_parts,
+    collect,
+    cost_line,
+    world_size,
+    write_rank_part,
+)
 from neu_det_pipeline.errors import MissingStepOutputError, PipelineError
 from neu_det_pipeline.io import atomic_write_text, read_json, write_json
 
@@ -79,6 +88,7 @@ class StepContext:
     fingerprint: str
     progress: Progress
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    meter: CostMeter = field(default_factory=CostMeter)
 
     def upstream_dir(self, step_name: str) -> Path:
         return step_output_dir(self.config, step_name)
@@ -103,6 +113,10 @@ class StepContext:
             yield on_step
         finally:
             self.progress.update(task, visible=False)
+
+    def part(self, name: str) -> None:
+        """Time from here to the next `part` (or the step's end) counts toward `name` in the summary's `cost.parts_s`."""
+        self.meter.part(name)
 
     def skip(self, item: str, reason: str) -> None:
         """Record work that was skipped and why; it lands in summary.json."""
@@ -236,19 +250,30 @@ def step_lock(config: PipelineConfig, step_name: str) -> Iterator[None]:
 
 
 def run_step(
-    step: Step, config: PipelineConfig, progress: Progress | None = None, locks: contextlib.ExitStack | None = None
+    step: Step, config: PipelineConfig, progress: Progress | None = None, locks: contextlib.ExitStack | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Run `step` unless its outputs are up to date; returns its summary.
+    """Run `step` unless its outputs are up to date (`force`: from scratch whatever they are); returns its summary.
 
     The step's lock is held until the step ends, or, given `locks`, until that stack closes (`neu-det run-all` holds
-    every step's lock to its end, so a second run cannot slip in between two steps)."""
+    every step's lock to its end, so a second run cannot slip in between two steps). `force` forgets the outputs only
+    once the lock is held: never those of a step another process is running."""
     out_dir = step_output_dir(config, step.name)
     fingerprint = step_fingerprint(step, config)
     if not is_main_process():
         return _run_locked(step, config, progress, out_dir, fingerprint)
     with contextlib.ExitStack() as own:
         (locks or own).enter_context(step_lock(config, step.name))
+        if force:
+            forget(config, step.name)
         return _run_locked(step, config, progress, out_dir, fingerprint)
+
+
+def forget(config: PipelineConfig, name: str) -> None:
+    """Make `name` re-run from scratch: without its state and summary, the recipe clears its folder."""
+    out_dir = step_output_dir(config, name)
+    for file in (SUMMARY_FILE, STATE_FILE):
+        (out_dir / file).unlink(missing_ok=True)
 
 
 def _run_locked(step: Step, config: PipelineConfig, progress: Progress | None, out_dir: Path, fingerprint: str) -> dict[str, Any]:
@@ -259,9 +284,16 @@ def _run_locked(step: Step, config: PipelineConfig, progress: Progress | None, o
     if not is_main_process():
         # Rank 0 prepares the folder before the process group forms; the others only compute.
         quiet = new_progress(disable=True)
-        return step.run(StepContext(step=step, config=config, out_dir=out_dir, fingerprint=fingerprint, progress=quiet))
+        meter = CostMeter().start()
+        try:
+            result = step.run(StepContext(step=step, config=config, out_dir=out_dir, fingerprint=fingerprint, progress=quiet, meter=meter))
+        finally:
+            figures = meter.stop()  # ends the memory sampler whatever happens
+        write_rank_part(out_dir, figures)
+        return result
 
     resumed = _prepare_out_dir(out_dir, fingerprint)
+    clear_rank_parts(out_dir)
     (out_dir / SUMMARY_FILE).unlink(missing_ok=True)
     resolved = dump_config(config)
     atomic_write_text(out_dir / CONFIG_FILE, resolved)
@@ -269,12 +301,16 @@ def _run_locked(step: Step, config: PipelineConfig, progress: Progress | None, o
     write_json(out_dir / STATE_FILE, {"fingerprint": fingerprint, "config_hash": full_hash})
 
     console.rule(f"[bold]{step.name}[/]: {step.title}" + (" (continuing an interrupted run)" if resumed else ""))
-    started = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        if progress is None:
-            progress = stack.enter_context(new_progress())
-        ctx = StepContext(step=step, config=config, out_dir=out_dir, fingerprint=fingerprint, progress=progress)
-        result = step.run(ctx)
+    meter = CostMeter().start()
+    try:
+        with contextlib.ExitStack() as stack:
+            if progress is None:
+                progress = stack.enter_context(new_progress())
+            ctx = StepContext(step=step, config=config, out_dir=out_dir, fingerprint=fingerprint, progress=progress, meter=meter)
+            result = step.run(ctx)
+    finally:
+        figures = meter.stop()  # ends the memory sampler whatever happens
+    cost = collect(out_dir, figures, world_size(), meter.parts)
     summary = {
         "step": step.name,
         "status": "complete",
@@ -282,10 +318,11 @@ def _run_locked(step: Step, config: PipelineConfig, progress: Progress | None, o
         "config_hash": full_hash,
         "seed": config.run.seed,
         "resumed": resumed,
-        "wall_time_s": round(time.perf_counter() - started, 3),
+        "wall_time_s": cost["wall_time_s"],
         "skipped": ctx.skipped,
         "dtype": None,  # steps that run a model say which dtype it ran in
         **result,
+        "cost": cost,
     }
     write_json(out_dir / SUMMARY_FILE, summary)
     print_summary(summary, out_dir)
@@ -299,5 +336,9 @@ def print_summary(summary: dict[str, Any], out_dir: Path) -> None:
             continue
         table.add_row(key, str(value))
     table.add_row("skipped", str(len(summary.get("skipped", []))))
+    if cost := summary.get("cost"):
+        table.add_row("cost", cost_line(cost))
+        if parts := cost.get("parts_s"):
+            table.add_row("time per part", ", ".join(f"{name} {seconds:.1f} s" for name, seconds in parts.items()))
     table.add_row("outputs", str(out_dir))
     console.print(table)

@@ -26,11 +26,11 @@ from typing import Any
 from rich.table import Table
 
 from neu_det_pipeline.config import PipelineConfig, dump_config
+from neu_det_pipeline.cost import run_cost, run_cost_line, step_costs
 from neu_det_pipeline.errors import MissingStepOutputError, PipelineError
 from neu_det_pipeline.io import atomic_write_text, write_json
 from neu_det_pipeline.recipe import (
     CONFIG_FILE,
-    STATE_FILE,
     SUMMARY_FILE,
     Step,
     StepBusyError,
@@ -39,6 +39,7 @@ from neu_det_pipeline.recipe import (
     read_summary,
     run_step,
     step_fingerprint,
+    step_lock,
     step_output_dir,
 )
 
@@ -82,11 +83,22 @@ def select_steps(from_step: str | None = None, only: str | None = None) -> list[
     return list(STEP_MODULES)
 
 
-def forget(config: PipelineConfig, name: str) -> None:
-    """Make `name` re-run from scratch: without its state and summary, the recipe clears its folder."""
-    out_dir = step_output_dir(config, name)
-    for file in (SUMMARY_FILE, STATE_FILE):
-        (out_dir / file).unlink(missing_ok=True)
+def inapplicable_steps(config: PipelineConfig) -> dict[str, str]:
+    """Steps this config has nothing to do in, with why. `models.pipeline: sd3` (experimental) is Step 4 only:
+    Steps 1 and 3 train SD 1.5 / SDXL UNet models, and Step 4 then prompts with the class-name template."""
+    if config.models.pipeline == "sd3":
+        why = "models.pipeline=sd3 is Step 4 only (Steps 1 and 3 train SD 1.5 / SDXL)"
+        return {"step1_textual_inversion": why, "step3_lora": why}
+    return {}
+
+
+def drop_inapplicable(config: PipelineConfig, steps: list[str]) -> list[str]:
+    """`steps` without those this config has nothing to do in, saying which and why in one console line."""
+    skipped = inapplicable_steps(config)
+    if dropped := [name for name in steps if name in skipped]:
+        reasons = sorted({skipped[name] for name in dropped})
+        console.print(f"skipping {', '.join(dropped)}: {'; '.join(reasons)}", soft_wrap=True, highlight=False)
+    return [name for name in steps if name not in skipped]
 
 
 @dataclass
@@ -99,13 +111,13 @@ class StepFailed(Exception):
         return f"{self.step} failed: {self.error} (log: {self.log})"
 
 
-def _run_logged(step: Step, config: PipelineConfig, progress: Any, log: Path, locks: contextlib.ExitStack) -> dict[str, Any]:
+def _run_logged(step: Step, config: PipelineConfig, progress: Any, log: Path, locks: contextlib.ExitStack, force: bool) -> dict[str, Any]:
     """Run one step, its console output recorded into `log`; a failure becomes `StepFailed`."""
     console.record = True
     console.export_text(clear=True)  # drop anything recorded before this step
     failure, own_log = "", True
     try:
-        return run_step(step, config, progress, locks)
+        return run_step(step, config, progress, locks, force)
     except StepBusyError:
         own_log = False  # the log belongs to the run holding the step
         raise
@@ -144,12 +156,12 @@ def run_all(config: PipelineConfig, steps: Iterable[str] = STEP_MODULES, force: 
         overall = progress.add_task("pipeline", total=len(steps))
         for name in steps:
             progress.update(overall, description=f"pipeline: {name}")
-            if name in force:
-                forget(config, name)
-            summaries.append(_run_logged(load_step(name), config, progress, logs / f"{name}.log", locks))
+            summaries.append(_run_logged(load_step(name), config, progress, logs / f"{name}.log", locks, name in force))
             free_step_models()
             progress.advance(overall)
     console.print(summary_table(summaries))
+    console.print(f"cost of the run (every finished step, see `neu-det compare`): {run_cost_line(run_cost(step_costs(Path(config.run.output_dir))))}",
+                  soft_wrap=True, highlight=False)
     report = Path(config.run.output_dir) / REPORT_FILE
     if report.is_file():
         console.print(f"report: {report}", soft_wrap=True, highlight=False)
@@ -210,10 +222,11 @@ def reuse_finished_steps(config: PipelineConfig, runs: list[Path], on_reuse: Cal
         source = next((Path(run) / name for run in runs if _finished_with(Path(run) / name, fingerprint)), None)
         if source is None or source.resolve() == here.resolve():
             break
-        shutil.rmtree(here, ignore_errors=True)
-        _link_tree(source, here)
-        atomic_write_text(here / CONFIG_FILE, dump_config(config))
-        write_json(here / SUMMARY_FILE, {**read_summary(here), "reused_from": str(source)})
+        with step_lock(config, name):  # never replace the folder of a step another process is running
+            shutil.rmtree(here, ignore_errors=True)
+            _link_tree(source, here)
+            atomic_write_text(here / CONFIG_FILE, dump_config(config))
+            write_json(here / SUMMARY_FILE, {**read_summary(here), "reused_from": str(source)})
         linked.append(name)
         if on_reuse:
             on_reuse(name, source)

@@ -13,6 +13,13 @@ may change on resume. Under mixed precision the VAE encodes and decodes outside 
 for SDXL), and the LR schedule does not advance on a step the fp16 grad scaler skipped. A checkpoint written on
 one device resumes on another.
 
+Box-focused loss: `textual_inversion.loss_weighting` `box` averages the denoising loss over the Step 0 boxes only (latent
+pixels outside every box get no gradient); `box_weighted` weighs box pixels `textual_inversion.foreground_weight` times the
+background (GeoDiffusion's foreground re-weighting; `textual_inversion.foreground_area_exponent` p > 0 adds its area
+re-weighting, `weight / area^p`, so small defects count more). The box mask moves with every flip and rotation of
+the image, is averaged down to the latent grid and normalised to mean 1 per image, and works with
+epsilon and v-prediction, SD 1.5 and SDXL. `uniform` (default) is the plain mean. summary.json records it.
+
 The text encoders pool at their tokenizer's EOS token (SDXL's pooled prompt embedding): the hub's configs say
 `eos_token_id: 2`, which transformers reads as "the highest token id", the new class token. Load the tokens with
 `training.textual_inversion.load_learned_embeddings(pipe, folder)`, which also fixes the pooling of `pipe`; after
@@ -50,6 +57,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
         "processes": result.processes,
         "dtype": DTYPE_NAMES[training.components.unet.dtype],  # frozen weights; the trained rows stay fp32
         "steps": len(result.losses),
+        "loss_weighting": section.loss_weighting,
         "final_loss": result.losses[-1],
         "tokens": result.tokens,
         "files": result.files,

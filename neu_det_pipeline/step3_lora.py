@@ -11,6 +11,13 @@ Memory, speed and precision work as in Step 1 (see its docstring): `lora.gradien
 `lora.num_workers` do not change the result and may change on resume; the VAE runs outside autocast; the LR
 schedule waits for steps the fp16 grad scaler skipped; a checkpoint resumes on another device.
 
+Box-focused loss: `lora.loss_weighting` `box` averages the denoising loss over the Step 0 boxes only (latent
+pixels outside every box get no gradient); `box_weighted` weighs box pixels `lora.foreground_weight` times the
+background (GeoDiffusion's foreground re-weighting; `lora.foreground_area_exponent` p > 0 adds its area
+re-weighting, `weight / area^p`, so small defects count more). The box mask moves with every flip and rotation of
+the image, is averaged down to the latent grid and normalised to mean 1 per image, and composes with Min-SNR
+(`lora.snr_gamma`), epsilon and v-prediction, SD 1.5 and SDXL. `uniform` (default) is the plain mean. summary.json records it.
+
 Outputs in `<run.output_dir>/step3_lora/`:
     pytorch_lora_weights.safetensors   diffusers format with the adapter configs as metadata:
                                        `training.lora.load_lora(pipe, folder)` (or diffusers'
@@ -49,6 +56,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
         "processes": training.accelerator.num_processes,
         "dtype": DTYPE_NAMES[training.components.unet.dtype],  # frozen weights; the adapters stay fp32
         "steps": len(result.losses),
+        "loss_weighting": section.loss_weighting,
         "final_loss": result.losses[-1],
         "trainable_parameters": result.trainable_parameters,
         "optimizer": section.optimizer,

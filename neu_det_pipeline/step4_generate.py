@@ -9,10 +9,25 @@ image keeps its source's boxes. Several processes (`accelerate launch --num_proc
 the result equals a single-process run. A killed run continues with the same command, making only what is
 missing.
 
+`generation.mode`: `txt2img` (pure noise), `img2img` (the noised source), `inpaint_defects` (only the boxes, grown
+by `generation.mask_dilation` px with a linear feather, are regenerated on the real background) or
+`inpaint_background` (the boxes are kept, the rest regenerated), with diffusers' ControlNet inpainting pipelines
+(`models.sd15_inpaint` / `models.sdxl_inpaint`: a dedicated 9-channel checkpoint; null: the base model). In the
+inpaint modes the decoded image is blended with the source by the feathered weights, so every pixel outside the
+regenerated region is exactly the source's (`generation.regions`).
+
+`generation.layout: transplant` pastes `transplant_count` defects of other training images of the same class at free
+positions of each source (`generation.transplant`); maps come from the new layout, the inpaint modes also regenerate
+the seam bands, and the new boxes go into every label file. `generation.candidates: N` makes N images per planned
+image (own seeds, the first the plan's) and `generation.select_by` keeps one (`clip`: CLIP prompt score;
+`lpips_in_box`: of the candidates whose CLIP score is at least their median, the one whose boxes differ most from
+the source's by LPIPS; `generation.selection`); only the kept one is written.
+
 Each control acts within its own `generation.control_guidance_start/end` window, with one ControlNet per control
 and with the SDXL union ControlNet alike (one window per control mode); the manifest's `control_guidance` is
-what the pipeline was given. Nothing runs under autocast: the SDXL pipelines upcast an fp16 VAE to fp32 for
-decoding when its config says `force_upcast`.
+what the pipeline was given. `models.pipeline: sd3` (experimental) generates with SD3 Medium and its ControlNets
+(`neu_det_pipeline.generation.sd3`); the outputs are the same. Nothing runs under autocast: the SDXL pipelines
+upcast an fp16 VAE to fp32 for decoding when its config says `force_upcast`.
 
 Outputs in `<run.output_dir>/step4_generate/` (later steps rely on this layout):
     images/<class>/<name>.png       synthetic image at the source size, grayscale (`generation.output_*`)
@@ -20,16 +35,22 @@ Outputs in `<run.output_dir>/step4_generate/` (later steps rely on this layout):
     masks/<name>.png                0/255 box mask
     yolo/images/, yolo/labels/      the same as an ultralytics dataset; yolo/data.yaml names = Step 0's
     manifest.jsonl                  one row per image: files, source, class, boxes, prompt, seed, controls, sampler,
-                                    guidance, models, LoRA / token hashes, augmentation (sorted by name)
+                                    guidance, models, LoRA / token hashes, augmentation, mode, strength,
+                                    mask_dilation (inpaint modes), layout, `transplant` (layout transplant:
+                                    requested count; per pasted defect its donor id, file and box and its new
+                                    box, the last entries of `boxes`), `select_by` and `candidates` (selection:
+                                    per candidate seed, scores, `kept`; `seed` is the kept one's) (sorted by name)
     controls/<detector>-<res>-<weights>/<sha256>.png   control-map cache (`generation.control_cache_dir`)
     contact_sheets/<class>.png      per source: the real image, its maps, its synthetic images with boxes
-    summary.json                    counts per class, maps made / cached, images/s, models, dtype, ignored GPU options,
+    summary.json                    counts per class, maps made / cached, images/s and s/image, models, dtype, ignored GPU options,
                                     `prompt_tokens`: CLIP token counts of the prompts and the negative prompt
                                     (real CLIP tokenizer, a Step 1 token counts as one); prompts over 77 tokens,
                                     which the text encoder cuts, are counted, the first ones named, and one
                                     console line says so
     manifest.parts/rank-<N>.jsonl   while running: each process's finished rows (what a resumed run skips)
-`<name>` is `<source id>-s<index>` with `-<augmentation>` when `generation.layout_augmentations` moved the layout.
+`<name>` is `<source id>-s<index>` with `-<augmentation>` when `generation.layout_augmentations` moved the layout,
+and `-g<seed>` (manifest `generation_seed`) for each entry of a `generation.seeds` list: the whole plan is made
+once per generation seed, each image's seed derived from its generation seed instead of `run.seed`.
 """
 
 from __future__ import annotations
@@ -58,7 +79,8 @@ from neu_det_pipeline.generation.outputs import (
     sheet_source_ids,
 )
 from neu_det_pipeline.generation.pipeline import ControlNetGenerator, step1_tokens
-from neu_det_pipeline.generation.plan import batches, build_plan, template_prompts
+from neu_det_pipeline.generation.plan import batches, build_seeded_plan, tag_generation_seeds, template_prompts
+from neu_det_pipeline.generation.sd3 import SD3ControlNetGenerator
 from neu_det_pipeline.models import DTYPE_NAMES, inference_dtype, resolve_device
 from neu_det_pipeline.recipe import Step, StepContext, console
 from neu_det_pipeline.training.lora import caption_prompts
@@ -97,7 +119,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
     rows = train_rows(ctx.upstream_dir("step0_prepare"))
     tokens = step1_tokens(ctx.upstream_dir("step1_textual_inversion"))[0] if section.use_textual_inversion else None
     prompts = source_prompts(ctx, rows, tokens)
-    plan = build_plan(section, rows, prompts, cfg.run.seed)
+    plan = build_seeded_plan(section, rows, prompts, cfg.run.seed, tokens)
     done = finished_rows(out_dir)
     pending = [item for item in plan if item.name not in done]
     mine = batches(pending, section.batch_size, state.process_index, state.num_processes)
@@ -106,14 +128,15 @@ def run(ctx: StepContext) -> dict[str, Any]:
     device = state.device if state.num_processes > 1 else device  # one GPU per process
     dtype = inference_dtype(device, cfg.run.mixed_precision)
     cache = ControlMapCache(Path(section.control_cache_dir) if section.control_cache_dir else out_dir / "controls")
+    generator_class = SD3ControlNetGenerator if cfg.models.pipeline == "sd3" else ControlNetGenerator  # sd3: experimental
     maker = SyntheticImageMaker(
-        cfg, lambda: ControlNetGenerator(cfg, device, dtype, ctx.upstream_dir("step1_textual_inversion"), ctx.upstream_dir("step3_lora")),
-        cache, device, out_dir,
+        cfg, lambda: generator_class(cfg, device, dtype, ctx.upstream_dir("step1_textual_inversion"), ctx.upstream_dir("step3_lora")),
+        cache, device, out_dir, step0_dir=ctx.upstream_dir("step0_prepare"),
     )
     part = ManifestPart(out_dir, state.process_index)
     started = time.perf_counter()
     for batch in ctx.track(mine, len(mine), f"generating {len(pending)} images"):
-        part.append(maker.make(batch))
+        part.append(tag_generation_seeds(maker.make(batch), batch))
     # Every process's counts, for one summary.
     stats = gather_object([{**asdict(maker.stats), "elapsed_s": time.perf_counter() - started}])
     if not state.is_main_process:
@@ -137,13 +160,15 @@ def run(ctx: StepContext) -> dict[str, Any]:
     return {
         "pipeline": cfg.models.pipeline,
         "processes": state.num_processes,
-        "dtype": DTYPE_NAMES[generator.pipe.unet.dtype if generator else dtype],
+        "dtype": DTYPE_NAMES[(generator.pipe.unet.dtype if hasattr(generator.pipe, "unet") else generator.dtype) if generator else dtype],
         "images": len(manifest),
         "images_generated": len(pending),
         "images_from_earlier_run": len(plan) - len(pending),
         "images_per_class": dict(per_class),
         # All processes together: images made / the slowest process's time.
         "images_per_s": round(made / max(rank["elapsed_s"] for rank in stats), 3) if made else None,
+        # One process's time per image (processes x the slowest process's time / images made): images_per_s x this = processes.
+        "seconds_per_image": round(len(stats) * max(rank["elapsed_s"] for rank in stats) / made, 3) if made else None,
         "generation_s": round(sum(rank["generation_s"] for rank in stats), 3),
         "control_maps_made": sum(rank["maps_made"] for rank in stats),
         "control_maps_cached": sum(rank["maps_cached"] for rank in stats),
@@ -175,7 +200,9 @@ STEP = Step(
     config_keys=(
         *(f"generation.{name}" for name in GenerationConfig.model_fields if name not in SPEED_ONLY_KEYS),
         "models.pipeline", "models.sd15", "models.sdxl", "models.controlnet_sd15", "models.controlnet_sdxl",
-        "models.controlnet_union_sdxl", "models.annotators", "models.depth",
+        "models.controlnet_union_sdxl", "models.sd3", "models.controlnet_sd3", "models.annotators", "models.depth",
+        # Inpainting checkpoints and the candidate scorers (`generation.mode`, `generation.select_by`).
+        "models.sd15_inpaint", "models.sdxl_inpaint", "models.clip", "evaluation.lpips_net", "evaluation.lpips_pretrained_backbone",
         "run.seed", "run.mixed_precision", "data.classes",
     ),
     requires=required_steps,

@@ -4,8 +4,10 @@
     python -m neu_det_pipeline.step6_classifier --config configs/classifier_cpu.yaml data.root=/data/NEU-DET
     accelerate launch -m neu_det_pipeline.step6_classifier --config configs/base.yaml data.root=/data/NEU-DET
 
-Reads Step 0's splits and box masks (or `classifier.own_data`), and Step 4's images or Step 5's curated
-set only when `classifier.synthetic` mixes them in. An interrupted run continues with the same command
+Reads Step 0's splits and box masks (or `classifier.own_data`, checked first like `neu-det data check`), and
+Step 4's images, Step 5's curated set or one of Step 5's control-arm datasets (`classical`, `copy_paste`) only
+when `classifier.synthetic` mixes them in. Without masks, `classifier.mask_source` makes pseudo-masks (backbone
+attention or Grad-CAM) or trains classification alone. An interrupted run continues with the same command
 plus `classifier.resume=latest`. Then:
 
     neu-det predict --checkpoint <out>/step6_classifier/best.pt IMAGE_OR_DIR --out DIR
@@ -14,17 +16,27 @@ plus `classifier.resume=latest`. Then:
 Outputs in `<run.output_dir>/step6_classifier/`:
     best.pt, last.pt          best validation macro-F1 / newest epoch (last.pt also resumes training)
     metrics.csv, curves.png   per-epoch losses, loss weights, learning rates, validation scores
-    test_metrics.json         test (real) accuracy, macro-F1, per-class report, mask IoU / Dice, confusion matrix
+    test_metrics.json         test (real) accuracy, macro-F1, per-class report, mask IoU / Dice (against the data's
+                              masks, whatever mask_source trained on), confusion matrix
     confusion_matrix.png      on the test split
-    summary.json              data counts, backbone, dtype (autocast), best epoch, test scores, wall time
+    summary.json              data counts, backbone, parameters per component, mask source, input, dtype
+                              (autocast), best epoch, test scores, wall time
+    pseudo_masks/             mask_source attention / cam: the training images' pseudo-masks (white = defect)
+    cam_stage/                mask_source cam: the plain classifier whose Grad-CAM made them (best.pt, last.pt)
+
+With `classifier.input=box_crops` every sample is one VOC object (its box cropped with a margin, labelled with
+the object's class): test scores are per object (`objects` in test_metrics.json, `objects` beside `images` in
+summary.json), and `neu-det predict --boxes LABEL_DIR` classifies a detector's boxes.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from neu_det_pipeline.classifier.checkpoints import BEST_FILE, load_classifier
-from neu_det_pipeline.classifier.data import ClassifierDataset, load_data
+from neu_det_pipeline.classifier.data import load_data
+from neu_det_pipeline.classifier.data_tools import require_valid
 from neu_det_pipeline.classifier.evaluation import (
     plot_confusion_matrix,
     plot_curves,
@@ -33,15 +45,18 @@ from neu_det_pipeline.classifier.evaluation import (
     write_history_csv,
 )
 from neu_det_pipeline.classifier.training import ClassifierTraining
+from neu_det_pipeline.classifier.weak_masks import MASK_SOURCE_TEXT, PSEUDO_MASK_DIR, apply_mask_source
 from neu_det_pipeline.cli import step_main
 from neu_det_pipeline.config import ClassifierConfig, PipelineConfig
+from neu_det_pipeline.evaluation.control_arms import ARM_FOLDERS, arm_dataset_dir
+from neu_det_pipeline.generation.plan import generation_seeds
 from neu_det_pipeline.io import write_json
 from neu_det_pipeline.models import DTYPE_NAMES
 from neu_det_pipeline.recipe import Step, StepContext, console
 from neu_det_pipeline.step0_prepare import dataset_listing
 from neu_det_pipeline.training.loop import weight_dtype
 
-SYNTHETIC_STEPS = {"step4": "step4_generate", "step5": "step5_evaluate"}
+SYNTHETIC_STEPS = {"step4": "step4_generate", "step5": "step5_evaluate", "classical": "step5_evaluate", "copy_paste": "step5_evaluate"}
 TEST_METRICS_FILE = "test_metrics.json"
 
 
@@ -51,23 +66,40 @@ def training_data(section: ClassifierConfig) -> str:
     return f"{section.synthetic} synthetic only" if section.synthetic_only else f"real + {section.synthetic} synthetic"
 
 
+def synthetic_folder(ctx: StepContext) -> Path:
+    """The upstream step's folder, or for a control arm its dataset inside Step 5's."""
+    cfg = ctx.config
+    folder = ctx.upstream_dir(SYNTHETIC_STEPS[cfg.classifier.synthetic])
+    if cfg.classifier.synthetic in ARM_FOLDERS.values():
+        return arm_dataset_dir(folder, cfg.classifier.synthetic, generation_seeds(cfg)[0])
+    return folder
+
+
 def run(ctx: StepContext) -> dict[str, Any]:
     cfg, section = ctx.config, ctx.config.classifier
-    synthetic_dir = ctx.upstream_dir(SYNTHETIC_STEPS[section.synthetic]) if section.synthetic != "none" else None
+    synthetic_dir = synthetic_folder(ctx) if section.synthetic != "none" else None
+    if section.own_data is not None:
+        require_valid(section.own_data, require_masks=section.mask_source == "boxes")
     data = load_data(cfg, ctx.upstream_dir("step0_prepare"), synthetic_dir)
     for note in data.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
+    data, pseudo_masks = apply_mask_source(cfg, data, ctx.out_dir)
+    console.print(f"masks: {MASK_SOURCE_TEXT[section.mask_source]}" + (f", {pseudo_masks} in {ctx.out_dir / PSEUDO_MASK_DIR}" if pseudo_masks else ""), highlight=False)
 
     training = ClassifierTraining(cfg, data, ctx.out_dir)
+    parameters = training.component_parameters()
+    console.print(
+        f"parameters: backbone {parameters['backbone']:,}, decoder {parameters['decoder']:,}, "
+        f"enhancer + head {parameters['enhancer_head']:,}, total {parameters['total']:,}", highlight=False,
+    )
     with ctx.loss_progress("classifier", section.epochs * training.steps_per_epoch) as on_step:
         result = training.run(on_step)
     if not training.accelerator.is_main_process:
         return {}
 
     best, _ = load_classifier(ctx.out_dir / BEST_FILE)
-    test_set = ClassifierDataset(data.splits["test"], section.image_size, cfg.run.seed)
-    test = training.evaluate(test_set, best.to(training.accelerator.device))
-    write_json(ctx.out_dir / TEST_METRICS_FILE, {"training_data": training_data(section), "classes": data.classes, "best_epoch": result.best_epoch, **test})
+    test = training.evaluate(training.dataset("test"), best.to(training.accelerator.device))
+    write_json(ctx.out_dir / TEST_METRICS_FILE, {"training_data": training_data(section), "input": section.input, "mask_source": section.mask_source, "classes": data.classes, "best_epoch": result.best_epoch, **test})
     write_history_csv(result.history, ctx.out_dir / "metrics.csv")
     plot_curves(result.history, ctx.out_dir / "curves.png")
     plot_confusion_matrix(test["confusion_matrix"], data.classes, ctx.out_dir / "confusion_matrix.png", "test split (real)")
@@ -77,10 +109,15 @@ def run(ctx: StepContext) -> dict[str, Any]:
         "backbone": section.backbone,
         "pretrained": section.pretrained,
         "multitask": section.multitask,
+        "input": section.input,
         "training_data": training_data(section),
-        "images": data.counts(),
+        "images": data.counts(distinct_images=True),
+        **({"objects": data.counts()} if section.input == "box_crops" else {}),
         "classes": data.classes,
         "parameters": training.parameter_count(),
+        "parameters_by_component": parameters,
+        "mask_source": section.mask_source,
+        "pseudo_masks": pseudo_masks,
         "processes": training.accelerator.num_processes,
         "dtype": DTYPE_NAMES[weight_dtype(training.accelerator)],  # autocast; the weights train in fp32
         "epochs_trained": len(result.history),

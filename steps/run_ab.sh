@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The A/B set on a GPU node: the four experiment configs in turn, then `neu-det compare` over their run folders.
+# The A/B set on a GPU node: the four experiment configs in turn, then `neu-det compare` over their run folders,
+# whose table (Step 5 quality and utility beside each experiment's cost) is the last thing printed.
 # Every experiment shares one control-map cache, and starts from the finished steps of the earlier ones that it
 # would redo identically (`neu-det reuse`: same config keys, inputs and upstream steps).
 #
@@ -7,7 +8,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
-experiments=(baseline exp_a_blip2_unipc exp_b_dora_8bit exp_c_sdxl_all)
+experiments=(baseline exp_a_blip2_unipc exp_b_dora_8bit exp_c_sdxl_all exp_d_defect_focus)
 shared=(generation.control_cache_dir=outputs/control-maps)
 runs=()
 for name in "${experiments[@]}"; do
@@ -19,5 +20,5 @@ for name in "${experiments[@]}"; do
   "$here/run_all.sh" "$config" "$@" "${shared[@]}"
   runs+=("$out")
 done
+# Last, so its table (one row per experiment: quality, utility, cost) ends the output; it names compare.html.
 neu-det compare "${runs[@]}" --out outputs/ab-compare
-echo "A/B comparison: outputs/ab-compare/compare.html"

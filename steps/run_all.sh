@@ -13,7 +13,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 config=$1
 logs="$(neu-det show-config --config "$@" --key run.output_dir)/logs"
 mkdir -p "$logs"
-for step in $(neu-det list-steps | cut -d' ' -f1); do
+for step in $(neu-det list-steps --config "$@" | cut -d' ' -f1); do  # the steps this config has work in
   log="$logs/$step.log"
   echo "=== $step (log: $log)"
   if ! "$here/run_step.sh" "$step" "$@" 2>&1 | tee "$log"; then

@@ -104,8 +104,8 @@ def test_wrong_type_on_command_line() -> None:
 
 def test_wrong_choice_lists_allowed_values() -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(SMOKE_CONFIG, ["models.pipeline=sd3"])
-    assert "'models.pipeline'" in str(info.value) and "'sd15' or 'sdxl'" in str(info.value)
+        load_config(SMOKE_CONFIG, ["models.pipeline=sd4"])
+    assert "'models.pipeline'" in str(info.value) and "'sd15', 'sdxl' or 'sd3'" in str(info.value)
 
 
 def test_wrong_type_in_file_names_the_file(tmp_path: Path) -> None:

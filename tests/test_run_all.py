@@ -21,12 +21,12 @@ import pytest
 from conftest import REPO, SMOKE_CONFIG, smoke_overrides
 
 from neu_det_pipeline.cli import COMMANDS, parse
-from neu_det_pipeline.config import load_config
+from neu_det_pipeline.config import PipelineConfig, load_config
 from neu_det_pipeline.errors import PipelineError
 from neu_det_pipeline.io import read_json
 from neu_det_pipeline.models import quiet_library_progress
 from neu_det_pipeline import runner
-from neu_det_pipeline.recipe import run_step
+from neu_det_pipeline.recipe import StepBusyError, run_step, step_lock
 from neu_det_pipeline.runner import STEP_MODULES, StepFailed, select_steps
 from neu_det_pipeline.training.diffusion import DiffusionComponents
 
@@ -35,7 +35,7 @@ from neu_det_pipeline.training.diffusion import DiffusionComponents
 # library warnings about their own deprecations.
 THIRD_PARTY_NOISE = (
     "it/s", "s/it", "[transformers]", "Loading weights", "Writing model shards", "Loading pipeline components", "Ultralytics ",
-    "UserWarning", "FutureWarning",
+    "UserWarning", "FutureWarning", "publisher trust check",
 )
 
 
@@ -96,6 +96,10 @@ def test_run_all_in_bf16_interrupted_resumed_then_up_to_date(tiny_models_dir: Pa
     # One table, the dtype and a key figure per step, the report's path.
     assert re.search(r"step4_generate +│ +complete +│ +[\d.]+ +│ +bf16 +│ +36 synthetic images", stderr), stderr[-3000:]
     assert f"report: {out}/step5_evaluate/report.html" in one_line(stderr)
+    # Every arm is shown: the smoke split keeps the whole training split, so the oracle says why it did not run.
+    assert list(read_json(out / "step5_evaluate" / "metrics.json")["utility"]["arms_not_run"]) == ["oracle"]
+    assert "Not run: oracle: no held-back real images" in (out / "step5_evaluate" / "report.html").read_text()
+    assert re.search(r"cost of the run \(every finished step, see `neu-det compare`\): [\d.]+ (s|min) over 7 steps, 0\.0000 GPU-h, peak RAM", one_line(stderr))
     log = (out / "logs" / "step3_lora.log").read_text()
     assert "step3_lora summary" in log and "final_loss" in log  # the step's own output, recorded
     assert_no_third_party_noise(stdout + stderr)
@@ -237,6 +241,26 @@ def test_doctor_offline(tiny_models_dir: Path, tmp_path: Path) -> None:
     assert any("models.dinov3" in line and "gated" in line for line in problems)
 
 
+@pytest.mark.parametrize(
+    ("backbone", "repo", "fix"),
+    [("dinov3-b", "timm/vit_base_patch16_dinov3.lvd1689m", "set classifier.backbone=dinov3 and models.dinov3 to its folder"),
+     ("timm:resnet10t", "timm/resnet10t.c3_in1k", "set classifier.pretrained=false")],
+)
+def test_doctor_names_the_fix_for_a_missing_classifier_backbone(
+    backbone: str, repo: str, fix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    from neu_det_pipeline import doctor
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # nothing cached
+    config = load_config(REPO / "configs" / "base.yaml", [f"classifier.backbone={backbone}", "classifier.pretrained=true"])
+    [need] = [need for need in doctor.model_needs(config) if need.key == "classifier.backbone"]
+    doctor.locate(need, downloads=False)
+    assert need.model_id == repo and f"`hf download {repo}`" in need.problem
+    assert need.problem.endswith(f"or {fix}"), need.problem
+
+
 def test_reuse_links_only_steps_with_the_same_fingerprint(step0_sample_dir: Path, tmp_path: Path) -> None:
     common = ["--config", str(SMOKE_CONFIG), f"data.root={REPO / 'data' / 'neu-det-sample'}", "run.tiny_models_dir=null"]
     same = neu_det("reuse", *common, str(step0_sample_dir), f"run.output_dir={tmp_path / 'same'}")
@@ -248,6 +272,26 @@ def test_reuse_links_only_steps_with_the_same_fingerprint(step0_sample_dir: Path
 
     other = neu_det("reuse", *common, str(step0_sample_dir), f"run.output_dir={tmp_path / 'other'}", "prepare.resolution=32")
     assert other.returncode == 0 and "nothing to reuse" in other.stderr and not (tmp_path / "other" / "step0_prepare").exists()
+
+
+def test_force_and_reuse_leave_a_step_another_process_runs_alone(step0_sample_dir: Path, tmp_path: Path) -> None:
+    """`--force` forgets and `neu-det reuse` replaces a step's outputs only under its lock (a second open file
+    description of the lock file conflicts with the first within one process too, as a second process's would)."""
+    def config(out: Path) -> PipelineConfig:
+        return load_config(SMOKE_CONFIG, [f"data.root={REPO / 'data' / 'neu-det-sample'}", "run.tiny_models_dir=null", f"run.output_dir={out}"])
+
+    finished = tmp_path / "finished"
+    shutil.copytree(step0_sample_dir, finished)
+    busy = config(finished)
+    with step_lock(busy, "step0_prepare"), pytest.raises(StepBusyError, match="step0_prepare: .* is in use by pid"):
+        runner.run_all(busy, ["step0_prepare"], force=["step0_prepare"])
+    assert read_json(finished / "step0_prepare" / "summary.json")["status"] == "complete"  # not forgotten
+
+    other = config(tmp_path / "other")
+    with step_lock(other, "step0_prepare"), pytest.raises(StepBusyError):
+        runner.reuse_finished_steps(other, [finished])
+    assert not (tmp_path / "other" / "step0_prepare" / "summary.json").exists()
+    assert runner.reuse_finished_steps(other, [finished]) == ["step0_prepare"]  # once the lock is free
 
 
 # ------------------------------------------------------------------------------------------ docs
@@ -304,3 +348,36 @@ def test_docs_show_the_commands_that_matter() -> None:
     shown = " ".join(line for _, line in documented_commands())
     for command in ("neu-det run-all", "neu-det doctor", "steps/run_all.sh", "steps/run_ab.sh", "neu-det compare", "neu-det predict"):
         assert command in shown, command
+
+
+def test_sd3_configs_skip_the_training_steps_unless_named(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    sd3 = REPO / "configs" / "experiments" / "exp_e_sd3.yaml"
+    listed = neu_det("list-steps", "--config", str(sd3))
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split()[0] for line in listed.stdout.splitlines()] == [
+        name for name in STEP_MODULES if name not in ("step1_textual_inversion", "step3_lora")]
+    assert runner.inapplicable_steps(load_config(SMOKE_CONFIG)) == {}  # SD 1.5: every step has work
+
+    ran: list[list[str]] = []
+    monkeypatch.setattr(runner, "run_all", lambda config, steps, force: ran.append(steps))
+    COMMANDS["run-all"].run(parse(["run-all", "--config", str(sd3)]))
+    assert "skipping step1_textual_inversion, step3_lora: models.pipeline=sd3 is Step 4 only" in capsys.readouterr().err
+    COMMANDS["run-all"].run(parse(["run-all", "--config", str(sd3), "--only", "step3_lora"]))  # asked for: runs, and refuses itself
+    assert ran == [["step0_prepare", "step2_captions", "step4_generate", "step5_evaluate", "step6_classifier"], ["step3_lora"]]
+
+
+def test_offline_configs_put_the_hub_in_offline_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """configs/smoke.yaml (`run.offline: true`): no hub request from any library, including those that ask at
+    import; huggingface_hub reads the variable when imported, so an already imported one gets its flag set too."""
+    import argparse
+
+    from huggingface_hub import constants
+
+    from neu_det_pipeline.cli import setup
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    setup(argparse.Namespace(config=REPO / "configs" / "base.yaml", overrides=[]))
+    assert "HF_HUB_OFFLINE" not in os.environ and not constants.HF_HUB_OFFLINE
+    setup(argparse.Namespace(config=SMOKE_CONFIG, overrides=["run.tiny_models_dir=null"]))
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and constants.HF_HUB_OFFLINE

@@ -177,6 +177,14 @@ def test_trains_and_round_trips_through_load_lora_weights(step3_config, pipeline
         assert all(torch.equal(value, loaded[key]) for key, value in module.state_dict().items() if "lora_" in key)
     np.testing.assert_allclose(generate(fresh, prompts), trained, atol=1e-5)
     assert np.abs(trained - base).max() > 1e-3  # the adapters change the images
+    # The same file loads whole into the family's 9-channel inpainting checkpoint (Step 4's `models.<family>_inpaint`):
+    # the adapters sit on attention and feed-forward layers, which the extra input channels do not touch.
+    inpaint = DiffusionPipeline.from_pretrained(Path(getattr(config.models, pipeline)).parent / f"{pipeline}-inpaint")
+    assert inpaint.unet.config.in_channels == 9
+    load_lora(inpaint, weights.parent)
+    for name, module in training.modules.items():
+        loaded = getattr(inpaint, name).state_dict()
+        assert all(torch.equal(value, loaded[key]) for key, value in module.state_dict().items() if "lora_" in key)
     if not config.lora.train_text_encoder or transformers_peft_integration_works():
         # diffusers' own loader reads the same file to the same images (for text-encoder LoRA only where
         # transformers' PEFT version gate lets it: see neu_det_pipeline.compat).

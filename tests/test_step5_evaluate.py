@@ -118,13 +118,23 @@ def test_utility_runs_write_map_and_oracle_gain(evaluated: tuple[Path, dict]) ->
     out, summary = evaluated
     metrics = read_json(out / "step5_evaluate" / "metrics.json")
     datasets = metrics["utility"]["datasets"]
-    assert set(datasets) == {"real", "real+synthetic-1", "oracle"}
+    assert set(datasets) == {"real", "real+synthetic-1", "real+classical-1", "real+copy_paste-1", "oracle"}
     assert datasets["real"]["n_synthetic"] == 0 and datasets["oracle"]["n_real"] == 2 * datasets["real"]["n_real"]
     assert datasets["real+synthetic-1"]["n_synthetic"] == datasets["real"]["n_real"]  # ratio 1: as many as real
+    # The control arms add as many images as the synthetic arm, made from the same real images (copy-paste skips a
+    # class whose boxes leave no room: the sample's pitted-surface boxes cover whole images).
+    assert datasets["real+classical-1"]["n_synthetic"] == datasets["real+synthetic-1"]["n_synthetic"]
+    assert 0 < datasets["real+copy_paste-1"]["n_synthetic"] <= datasets["real+synthetic-1"]["n_synthetic"]
+    for folder in ("classical-g0", "copy_paste-g0"):
+        assert read_jsonl(out / "step5_evaluate" / "control_arms" / folder / MANIFEST_FILE)
+    comparisons = metrics["utility"]["comparisons"]
+    assert {"real+synthetic-1 vs real", "real+synthetic-1 vs real+classical-1", "real+synthetic-1 vs real+copy_paste-1"} <= set(comparisons)
+    assert all(c["ci95"][0] <= c["difference"] <= c["ci95"][1] for c in comparisons.values())
+    assert set(summary["synthetic_gain"]) == {"real", "real+classical-1", "real+copy_paste-1"}
     for run in metrics["utility"]["runs"]:
         assert 0 <= run["map50"] <= 1 and 0 <= run["map50_95"] <= run["map50"] + 1e-9
         assert (out / "step5_evaluate" / "utility" / run["weights"]).is_file()
-    assert set(metrics["utility"]["gain_recovered"]) == {"real+synthetic-1"}
+    assert set(metrics["utility"]["gain_recovered"]) == {"real+synthetic-1", "real+classical-1", "real+copy_paste-1"}
     assert summary["map50"].keys() == datasets.keys()
 
 
@@ -195,6 +205,7 @@ def test_compare_two_runs(evaluated: tuple[Path, dict], tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     page = (tmp_path / "cmp" / "compare.html").read_text()
     assert "evaluation.pr_neighbourhood" in page and "mAP50" in page and str(other) in page
+    assert "GPU-h" in page and "Cost per step" in page and "step5_evaluate" in page  # cost beside quality, per step
 
 
 def test_missing_step4_output_names_the_step(tmp_path: Path, step0_sample_dir: Path, tiny_models_dir: Path) -> None:

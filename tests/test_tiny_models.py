@@ -89,7 +89,7 @@ def quiet(pipe: DiffusionPipeline) -> DiffusionPipeline:
 def test_every_model_is_built_in_hub_layout(models: dict[str, Path]) -> None:
     root = next(iter(models.values())).parent
     assert sorted(p.name for p in root.iterdir()) == sorted(TINY_MODEL_NAMES)  # no staging folders left
-    marker = {"sd15": "model_index.json", "sdxl": "model_index.json", "open_clip": "open_clip_config.json",
+    marker = {"sd15": "model_index.json", "sd15-inpaint": "model_index.json", "sdxl": "model_index.json", "sdxl-inpaint": "model_index.json", "sd3": "model_index.json", "open_clip": "open_clip_config.json",
               "annotators": "table5_pidinet.pth"}  # controlnet_aux's file name in lllyasviel/Annotators
     for name, folder in models.items():
         assert (folder / marker.get(name, "config.json")).is_file(), name
@@ -115,7 +115,7 @@ def test_same_seed_gives_identical_weights(tmp_path: Path) -> None:
     weight_files = sorted(
         f.relative_to(tmp_path / "first") for pattern in ("*.safetensors", "*.pth") for f in (tmp_path / "first").rglob(pattern)
     )
-    assert len(weight_files) == 20  # one per model, but 3 in sd15 and 4 in sdxl
+    assert len(weight_files) == 35  # one per model, but 3 in sd15 and in sd15-inpaint, 4 in sdxl and in sdxl-inpaint, 5 in sd3
     for relative in weight_files:
         assert (tmp_path / "first" / relative).read_bytes() == (tmp_path / "second" / relative).read_bytes(), relative
     unet = Path("unet/diffusion_pytorch_model.safetensors")
@@ -134,7 +134,7 @@ def test_controlnets_start_from_the_unet_but_differ_per_control_type(models: dic
 
 
 def test_unknown_name_is_rejected_with_the_allowed_names(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="allowed: sd15, sdxl, controlnet-sd15-softedge"):
+    with pytest.raises(ValueError, match="allowed: sd15, sd15-inpaint, sdxl, sdxl-inpaint, controlnet-sd15-softedge"):
         build_tiny_models(tmp_path, only=["sd15", "sd21"])
     assert not list(tmp_path.iterdir())
 

@@ -1,16 +1,25 @@
-"""From a batch of training images to caption rows: BLIP-2 caption, ranked keywords, prompt, best variant."""
+"""From a batch of training images to caption rows: BLIP-2 caption or structured description, ranked keywords,
+prompt, best variant."""
 
 from __future__ import annotations
 
 import time
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from neu_det_pipeline.captions.blip2 import Blip2Captioner
 from neu_det_pipeline.captions.dataset import TrainImage
+from neu_det_pipeline.captions.descriptions import (
+    CACHE_DIR_NAME,
+    CachedDescriber,
+    Describer,
+    PromptFitter,
+    description_phrases,
+)
 from neu_det_pipeline.captions.prompts import (
     build_prompt,
     check_class_keywords,
@@ -51,13 +60,18 @@ class CaptionAnnotator:
         ranker: EnsembleRanker,
         captioner: Blip2Captioner | None = None,
         models: dict[str, str] | None = None,
+        describer: CachedDescriber | None = None,
     ) -> None:
         if config.prompt_style == "blip2" and captioner is None:
             raise ValueError("prompt_style 'blip2' needs a Blip2Captioner")
+        if config.prompt_style == "llava" and describer is None:
+            raise ValueError("prompt_style 'llava' needs a describer (LLaVA or an OpenAI-compatible endpoint)")
         self.config, self.tokens, self.ranker, self.captioner = config, tokens, ranker, captioner
+        self.describer = describer
+        self.fitter = PromptFitter(tokens.values()) if describer is not None else None
         self.models = models or {}
         self.timings: Counter[str] = Counter()
-        """Seconds spent per stage (`blip2`, `ranking`), summed over batches."""
+        """Seconds spent per stage (`blip2`, `description`, `ranking`), summed over batches."""
 
     @classmethod
     def from_config(cls, config: PipelineConfig) -> CaptionAnnotator:
@@ -76,7 +90,14 @@ class CaptionAnnotator:
                 config.models.blip2, device, dtype, captions.blip2_max_new_tokens
             )
             models["blip2"] = config.models.blip2
-        return cls(captions, tokens, ranker, captioner, models)
+        describer = None
+        if captions.prompt_style == "llava":
+            describer = CachedDescriber(
+                _load_describer(config), captions.description_cache_dir or Path(config.run.output_dir) / CACHE_DIR_NAME
+            )
+            kind = describer.describer.name
+            models[kind] = config.models.llava if kind == "llava" else f"{captions.endpoint.model} at {captions.endpoint.base_url}"
+        return cls(captions, tokens, ranker, captioner, models, describer)
 
     def annotate(self, batch: Sequence[TrainImage]) -> list[dict[str, Any]]:
         images = [_load_rgb(item) for item in batch]
@@ -86,6 +107,11 @@ class CaptionAnnotator:
             started = time.perf_counter()
             captions = [*self.captioner.caption(images)]
             self.timings["blip2"] += time.perf_counter() - started
+        descriptions = []
+        if self.describer is not None:
+            started = time.perf_counter()
+            descriptions = self.describer.describe([item.path for item in batch])
+            self.timings["description"] += time.perf_counter() - started
 
         started = time.perf_counter()
         embeddings = self.ranker.embed_images(images)
@@ -94,6 +120,12 @@ class CaptionAnnotator:
             build_prompt(self.config.prompt_style, self.config.template, token, ranking.top(self.config.top_k), caption)
             for token, ranking, caption in zip(tokens, keywords, captions, strict=True)
         ]
+        if self.fitter is not None:
+            # The description's phrases after the template, as many as fit in CLIP's 77 tokens.
+            prompts = [
+                self.fitter.fit(prompt, description_phrases(found.text)) if found.text else prompt
+                for prompt, found in zip(prompts, descriptions, strict=True)
+            ]
         variants = [render_variants(self.config.prompt_variants, prompt) for prompt in prompts]
         # A scorer has never seen the learned token: it reads the class name in its place.
         variant_rankings = self.ranker.rank(
@@ -125,7 +157,36 @@ class CaptionAnnotator:
                     "models": self.models,
                 }
             )
+            if self.describer is not None:
+                rows[-1].update(description=descriptions[i].text, description_error=descriptions[i].error)
         return rows
+
+    def description_summary(self, failed: Sequence[str]) -> dict[str, Any]:
+        """The step summary's `descriptions` entry (only with a describer)."""
+        assert self.describer is not None
+        return {
+            "captioner": self.describer.describer.name,
+            "asked_now": self.describer.asked,
+            "failed": len(failed),
+            "failed_ids": list(failed),
+            "cache": str(self.describer.cache.path),
+        }
+
+
+def _load_describer(config: PipelineConfig) -> Describer:
+    """LLaVA (`models.llava`) on `run.device`, or the OpenAI-compatible endpoint (nothing is sent for any other captioner)."""
+    captions = config.captions
+    if captions.resolved_captioner() == "openai_compatible":
+        from neu_det_pipeline.captions.endpoint import EndpointDescriber
+
+        return EndpointDescriber(captions.endpoint, captions.description_instruction, captions.description_max_new_tokens)
+    from neu_det_pipeline.captions.llava import LlavaDescriber
+
+    device = resolve_device(config.run.device)
+    return LlavaDescriber.from_pretrained(
+        config.models.llava, device, inference_dtype(device, config.run.mixed_precision),
+        captions.description_instruction, captions.description_max_new_tokens,
+    )  # fmt: skip
 
 
 def _load_rgb(item: TrainImage) -> Image.Image:

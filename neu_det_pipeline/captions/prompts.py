@@ -30,7 +30,8 @@ def readable_class_name(class_name: str) -> str:
 def build_prompt(
     style: str, template: str, token: str, keywords: Sequence[str] = (), caption: str | None = None
 ) -> str:
-    """`plain`: the template with the token; `keywords`: + keywords; `blip2`: + BLIP-2 caption + keywords.
+    """`plain` and `llava`: the template with the token (`llava`'s description is fitted on by the annotator);
+    `keywords`: + keywords; `blip2`: + BLIP-2 caption + keywords.
 
     Keywords the prompt already contains (e.g. `grayscale` in the default template) are not repeated;
     the token itself does not count (`scratches` is still added after `<neu-scratches>`).

@@ -3,6 +3,8 @@
 - `dinov3`: the DINOv3 ViT at `models.dinov3`: timm weights (`timm/vit_small_patch16_dinov3.lvd1689m` by
   default, no gated approval) or a transformers repo (`facebook/dinov3-vits16-pretrain-lvd1689m`), see
   `neu_det_pipeline.dinov3`. Its tokens are ordered [CLS, register tokens, patch tokens]; the patch tokens form the grid.
+- `dinov3-s`, `dinov3-s+`, `dinov3-b`, `dinov3-l`, `dinov3-h+`, `dinov3-7b`: DINOv3 ViTs by size, an alias of
+  `timm:<their timm name>` (`backbone_sizes.DINOV3_SIZES` lists the timm and transformers hub names).
 - `timm:<name>`: timm ViTs (`vit_small_patch16_dinov3.lvd1689m`, with prefix tokens like the above) and any
   timm CNN (`convnext_tiny.dinov3_lvd1689m`, `resnet18`, ...), whose last feature map is the grid and whose
   average is the global feature.
@@ -18,8 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from neu_det_pipeline.errors import PipelineError
+from neu_det_pipeline.classifier.backbone_sizes import DINOV3_SIZES
 from neu_det_pipeline.dinov3 import is_transformers_model, load_dinov3, vit_tokens
+from neu_det_pipeline.errors import PipelineError
 
 TIMM_PREFIX = "timm:"
 
@@ -75,7 +78,8 @@ def create_backbone(name: str, dinov3_id: str, pretrained: bool, kwargs: dict[st
             arguments = {key: value for key, value in model.pretrained_model_args.items() if key != "num_classes"}
             spec = {"source": "timm", "name": model.pretrained_cfg["architecture"], "kwargs": arguments}
     else:
-        spec = {"source": "timm", "name": name.removeprefix(TIMM_PREFIX), "kwargs": dict(kwargs)}
+        timm_name = DINOV3_SIZES[name].timm_name if name in DINOV3_SIZES else name.removeprefix(TIMM_PREFIX)
+        spec = {"source": "timm", "name": timm_name, "kwargs": dict(kwargs)}
         model = _create_timm(spec, pretrained)
     backbone = _wrap(model, spec)
     _fit_image_size(backbone, image_size, name)
@@ -129,3 +133,39 @@ def _fit_image_size(backbone: Backbone, image_size: int, name: str) -> None:
             )
         if hasattr(backbone.model, "set_input_size"):
             backbone.model.set_input_size(img_size=(image_size, image_size))  # timm ViTs with fixed position tables
+
+
+def backbone_blocks(backbone: Backbone) -> list[nn.Module]:
+    """The backbone's blocks in order: a ViT's transformer layers, a CNN's stages (timm's `stages`, or ResNet's
+    `layer1`..`layer4`); the large-dataset preset unfreezes the last few."""
+    model = backbone.model
+    if isinstance(backbone, TokenGridBackbone):
+        return list(model.model.layer if backbone.transformers_model else model.blocks)
+    if hasattr(model, "stages"):
+        return list(model.stages)
+    layers = [getattr(model, f"layer{i}") for i in range(1, 5) if hasattr(model, f"layer{i}")]
+    if not layers:
+        raise PipelineError(f"the backbone {type(model).__name__} has no `stages` or `layer1`..`layer4`; use train: all instead of last_blocks in classifier.stages")
+    return layers
+
+
+def final_norm(backbone: Backbone) -> nn.Module | None:
+    """A ViT's norm after the last block (it shapes every output token, so it trains with the last blocks)."""
+    norm = getattr(backbone.model, "norm", None) if isinstance(backbone, TokenGridBackbone) else None
+    return norm if isinstance(norm, nn.Module) else None
+
+
+COMPONENTS = {"backbone": ("backbone",), "decoder": ("decoder",), "enhancer_head": ("enhancer", "head")}
+"""Summary keys and the classifier's top-level modules they count."""
+
+
+def component_parameters(model: nn.Module) -> dict[str, int]:
+    """Parameters per component (backbone, decoder, enhancer + head) and in total, from the model's own modules."""
+    counts = {key: 0 for key in COMPONENTS}
+    for name, parameter in model.named_parameters():
+        top = name.split(".", 1)[0]
+        key = next((key for key, modules in COMPONENTS.items() if top in modules), None)
+        if key is None:
+            raise PipelineError(f"classifier parameter {name} belongs to no component of {list(COMPONENTS)}")  # a new module
+        counts[key] += parameter.numel()
+    return {**counts, "total": sum(counts.values())}

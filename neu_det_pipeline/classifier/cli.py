@@ -10,12 +10,13 @@ from neu_det_pipeline.recipe import console
 def predict_command(args: argparse.Namespace) -> None:
     from neu_det_pipeline.classifier.inference import predict
 
-    result = predict(args.checkpoint, args.input, args.out)
-    unreadable = len(result["unreadable"])
+    result = predict(args.checkpoint, args.input, args.out, boxes=args.boxes)
+    unreadable, without_boxes = len(result["unreadable"]), len(result["without_boxes"])
     console.print(
-        f"predicted {result['predicted']} image(s) with {args.checkpoint}"
+        f"predicted {result['predicted']} {result['unit']} with {args.checkpoint}"
         + (f", {unreadable} unreadable (listed above)" if unreadable else "")
-        + f"; overlays in {args.out / 'overlays'}, table in {result['csv']}",
+        + (f", {without_boxes} image(s) without a label file in {args.boxes}" if without_boxes else "")
+        + f"; overlays in {args.out / 'overlays'}, table in {result['csv']}, one line per {result['unit'].split('(')[0]} in {args.out / 'results_summary.txt'}",
         highlight=False, soft_wrap=True,
     )
 

@@ -10,7 +10,11 @@ Where examples come from:
       masks/<stem>.png       white defect pixels; an image without a mask is defect-free
       train_labels.txt       `file,label` lines (also val_labels.txt; test_labels.txt optional, else val is the test)
 
-Exact resume: an epoch's order and every sample's augmentation depend only on (seed, epoch, index).
+`classifier.input=box_crops`: every VOC object of Step 0's (or Step 4's) manifest is a sample labelled with its
+own class; training crops its box with a random margin of up to `crop_margin` of the box's width / height per
+side, evaluation with half of it (clipped to the image), and the box mask is cropped alongside.
+
+Exact resume: an epoch's order and every sample's augmentation (and crop) depend only on (seed, epoch, index).
 """
 
 from __future__ import annotations
@@ -23,12 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import albumentations as A
+import cv2
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
-from torchvision.transforms import InterpolationMode
 
 from neu_det_pipeline.artifacts import MANIFEST_FILE
 from neu_det_pipeline.config import ClassifierAugmentationConfig, PipelineConfig
@@ -42,6 +46,9 @@ OWN_DATA_LABEL_FILES = {"train": "train_labels.txt", "val": "val_labels.txt", "t
 CURATED_MANIFEST = Path("curated") / MANIFEST_FILE
 """Step 5's curated set, relative to its output folder."""
 
+BoxFractions = tuple[float, float, float, float]
+"""(xmin, ymin, xmax, ymax) as fractions of the image's width and height: the same box on any copy's size."""
+
 
 @dataclass(frozen=True)
 class Example:
@@ -51,6 +58,8 @@ class Example:
     label: int
     origin: str
     """`real`, `synthetic` or `normal`."""
+    box: BoxFractions | None = None
+    """`box_crops`: the object this sample is (its label is the object's class); None: the whole image."""
 
 
 @dataclass
@@ -61,8 +70,13 @@ class ClassifierData:
     notes: list[str] = field(default_factory=list)
     """Choices worth a line in the summary (e.g. the test split standing in for a missing one)."""
 
-    def counts(self) -> dict[str, dict[str, int]]:
-        return {name: dict(Counter(e.origin for e in examples)) for name, examples in self.splits.items()}
+    def counts(self, distinct_images: bool = False) -> dict[str, dict[str, int]]:
+        """Samples per split and origin; `distinct_images`: images instead (box crops share their image)."""
+        def count(examples: list[Example]) -> dict[str, int]:
+            unique = {(e.origin, e.image) for e in examples} if distinct_images else [(e.origin, e.image) for e in examples]
+            return dict(Counter(origin for origin, _ in unique))
+
+        return {name: count(examples) for name, examples in self.splits.items()}
 
 
 def inside(folder: Path, relative: str, listed_in: Path) -> Path:
@@ -89,14 +103,15 @@ def load_rgb(path: Path) -> Image.Image:
 def load_data(config: PipelineConfig, step0_dir: Path, synthetic_dir: Path | None) -> ClassifierData:
     """Real splits (Step 0 or own data), plus defect-free and synthetic training images as configured."""
     section = config.classifier
+    objects = section.input == "box_crops"
     if section.own_data is not None:
         data = own_data(section.own_data)
     else:
-        data = step0_data(step0_dir, config.data.classes)
+        data = step0_data(step0_dir, config.data.classes, objects)
     if section.normal_dir is not None:
         add_normal_images(data, section.normal_dir, config)
     if section.synthetic != "none":
-        synthetic = synthetic_examples(synthetic_dir, section.synthetic, data.classes)
+        synthetic = synthetic_examples(synthetic_dir, section.synthetic, data.classes, objects)
         if section.synthetic_only:
             data.splits["train"] = synthetic
         else:
@@ -106,7 +121,19 @@ def load_data(config: PipelineConfig, step0_dir: Path, synthetic_dir: Path | Non
     return data
 
 
-def step0_data(step0_dir: Path, classes: list[str]) -> ClassifierData:
+def object_examples(row: dict[str, Any], image: Path, mask: Path, classes: list[str], origin: str, listed_in: Path) -> list[Example]:
+    """One example per box of a manifest row (Step 0's or Step 4's: `boxes` in pixels of `width` x `height`)."""
+    width, height = row["width"], row["height"]
+    examples = []
+    for box in row["boxes"]:
+        if box["label"] not in classes:
+            raise DataError(f"{listed_in}: box class '{box['label']}' of {image.name} is not one of {classes}")
+        fractions = (box["xmin"] / width, box["ymin"] / height, box["xmax"] / width, box["ymax"] / height)
+        examples.append(Example(image, mask, classes.index(box["label"]), origin, fractions))
+    return examples
+
+
+def step0_data(step0_dir: Path, classes: list[str], objects: bool = False) -> ClassifierData:
     manifest = step0_dir / MANIFEST_FILE
     rerun = f"re-run `python -m neu_det_pipeline.step0_prepare --config <same config>` to rebuild {step0_dir}"
     if not manifest.is_file():
@@ -119,13 +146,17 @@ def step0_data(step0_dir: Path, classes: list[str]) -> ClassifierData:
         for path in (image, mask):
             if not path.is_file():
                 raise MissingStepOutputError(f"{path} (listed in {manifest}) is missing; {rerun}")
-        splits[row["split"]].append(Example(image, mask, classes.index(row["class"]), "real"))
+        if objects:
+            splits[row["split"]] += object_examples(row, image, mask, classes, "real", manifest)
+        else:
+            splits[row["split"]].append(Example(image, mask, classes.index(row["class"]), "real"))
     return ClassifierData(list(classes), splits)
 
 
-def synthetic_examples(folder: Path, source: str, classes: list[str]) -> list[Example]:
-    """Step 4's images (`step4`: `folder` is the Step 4 output) or Step 5's curated ones (`step5`: `folder` is
-    the Step 5 output and paths are relative to the sibling Step 4 folder)."""
+def synthetic_examples(folder: Path, source: str, classes: list[str], objects: bool = False) -> list[Example]:
+    """Step 4's images (`step4`: `folder` is the Step 4 output), Step 5's curated ones (`step5`: `folder` is
+    the Step 5 output and paths are relative to the sibling Step 4 folder) or a Step 5 control arm's (`classical`,
+    `copy_paste`: `folder` is its dataset, in Step 4's layout)."""
     manifest = folder / (CURATED_MANIFEST if source == "step5" else MANIFEST_FILE)
     step4_dir = folder.parent / "step4_generate" if source == "step5" else folder
     if not manifest.is_file():
@@ -138,7 +169,10 @@ def synthetic_examples(folder: Path, source: str, classes: list[str]) -> list[Ex
         for path in (image, mask):
             if not path.is_file():
                 raise MissingStepOutputError(f"{path} (listed in {manifest}) is missing; re-run the step that wrote it")
-        examples.append(Example(image, mask, classes.index(row["class"]), "synthetic"))
+        if objects:
+            examples += object_examples(row, image, mask, classes, "synthetic", manifest)
+        else:
+            examples.append(Example(image, mask, classes.index(row["class"]), "synthetic"))
     return examples
 
 
@@ -234,16 +268,47 @@ class EpochSampler(Sampler[tuple[int, int]]):
             yield index, self.epoch
 
 
+def crop_box(image: Image.Image, box: BoxFractions, margins: tuple[float, float, float, float]) -> Image.Image:
+    """The box widened by `margins` (left, top, right, bottom, as fractions of the box's width / height),
+    clipped to the image; at least one pixel."""
+    width, height = image.size
+    x0, y0, x1, y1 = box[0] * width, box[1] * height, box[2] * width, box[3] * height
+    box_w, box_h = x1 - x0, y1 - y0
+    left = min(width - 1, max(0, round(x0 - margins[0] * box_w)))
+    top = min(height - 1, max(0, round(y0 - margins[1] * box_h)))
+    right = max(left + 1, min(width, round(x1 + margins[2] * box_w)))
+    bottom = max(top + 1, min(height, round(y1 + margins[3] * box_h)))
+    return image.crop((left, top, right, bottom))
+
+
+def training_margins(seed: int, epoch: int, index: int, crop_margin: float) -> tuple[float, float, float, float]:
+    """A training crop's margins (left, top, right, bottom), each drawn from [0, crop_margin] by (seed, epoch, index)."""
+    rng = random.Random(f"{seed}:crop:{epoch}:{index}")
+    return tuple(rng.uniform(0, crop_margin) for _ in range(4))  # type: ignore[return-value]
+
+
+def evaluation_margins(crop_margin: float) -> tuple[float, float, float, float]:
+    """Evaluation and prediction crops: half the training margin's maximum on every side."""
+    return (crop_margin / 2,) * 4
+
+
 class ClassifierDataset(Dataset):
-    """Images in [0, 1] and {0, 1} masks at `image_size`; training keys (index, epoch) get augmented.
+    """Images (or box crops) in [0, 1] and {0, 1} masks at `image_size`; training keys (index, epoch) get augmented
+    and, for box crops, a random margin.
 
     Decoded, resized images are cached (a few hundred MB for NEU-DET at 224 px): epochs after the first
-    decode nothing.
+    decode nothing. Box crops cache their source images at full size (training crops differ every epoch).
     """
 
-    def __init__(self, examples: list[Example], image_size: int, seed: int, augmentation: ClassifierAugmentationConfig | None = None):
-        self.examples, self.image_size, self.seed, self.augmentation = examples, image_size, seed, augmentation
+    def __init__(
+        self, examples: list[Example], image_size: int, seed: int, augmentation: ClassifierAugmentationConfig | None = None,
+        crop_margin: float = 0.1,
+    ):
+        self.examples, self.image_size, self.seed = examples, image_size, seed
+        self.crop_margin = crop_margin
+        self._augmentation = None if augmentation is None else JointAugmentation(augmentation, image_size)
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._sources: dict[Path, tuple[Image.Image, Image.Image | None]] = {}
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -252,25 +317,41 @@ class ClassifierDataset(Dataset):
         return [e.label for e in self.examples]
 
     def decoded(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 image [3, S, S] and uint8 mask [1, S, S] (0 / 1)."""
+        """uint8 image [3, S, S] and uint8 mask [1, S, S] (0 / 1); box crops with the evaluation margin."""
         if index not in self._cache:
-            example, size = self.examples[index], (self.image_size, self.image_size)
-            image = load_rgb(example.image).resize(size, Image.Resampling.BICUBIC)
-            pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
-            if example.mask is None:
-                mask = torch.zeros(1, *size, dtype=torch.uint8)
-            else:
-                gray = load_rgb(example.mask).convert("L").resize(size, Image.Resampling.NEAREST)
-                mask = torch.from_numpy((np.asarray(gray) > 127).astype(np.uint8))[None]
-            self._cache[index] = (pixels, mask)
+            self._cache[index] = self._tensors(index, evaluation_margins(self.crop_margin))
         return self._cache[index]
+
+    def _source(self, example: Example) -> tuple[Image.Image, Image.Image | None]:
+        """Full-size RGB image and L mask (None: defect-free); kept for box crops, which reuse them every epoch."""
+        if example.image in self._sources:
+            return self._sources[example.image]
+        image = load_rgb(example.image)
+        mask = None if example.mask is None else load_rgb(example.mask).convert("L")
+        if example.box is not None:
+            self._sources[example.image] = (image, mask)
+        return image, mask
+
+    def _tensors(self, index: int, margins: tuple[float, float, float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+        example, size = self.examples[index], (self.image_size, self.image_size)
+        image, mask = self._source(example)
+        if example.box is not None:
+            image = crop_box(image, example.box, margins)
+            mask = None if mask is None else crop_box(mask, example.box, margins)
+        pixels = torch.from_numpy(np.array(image.resize(size, Image.Resampling.BICUBIC))).permute(2, 0, 1).contiguous()
+        if mask is None:
+            return pixels, torch.zeros(1, *size, dtype=torch.uint8)
+        gray = mask.resize(size, Image.Resampling.NEAREST)
+        return pixels, torch.from_numpy((np.asarray(gray) > 127).astype(np.uint8))[None]
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, epoch = key if isinstance(key, tuple) else (key, None)
-        pixels, mask = self.decoded(index)
-        if epoch is not None and self.augmentation is not None:
-            rng = random.Random(f"{self.seed}:augment:{epoch}:{index}")
-            pixels, mask = augment(pixels, mask, self.augmentation, rng)
+        if epoch is not None and self.examples[index].box is not None:
+            pixels, mask = self._tensors(index, training_margins(self.seed, epoch, index, self.crop_margin))
+        else:
+            pixels, mask = self.decoded(index)
+        if epoch is not None and self._augmentation is not None:
+            pixels, mask = self._augmentation(pixels, mask, random.Random(f"{self.seed}:augment:{epoch}:{index}").getrandbits(63))
         return {
             "pixels": pixels.float() / 255,
             "masks": mask.float(),
@@ -279,32 +360,73 @@ class ClassifierDataset(Dataset):
         }
 
 
-def augment(
-    pixels: torch.Tensor, mask: torch.Tensor, cfg: ClassifierAugmentationConfig, rng: random.Random
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same geometric transform on image and mask (flips, quarter turns, small affine); brightness and
-    contrast on the image only. Grayscale textures: no hue or colour changes."""
-    if cfg.hflip and rng.random() < 0.5:
-        pixels, mask = pixels.flip(-1), mask.flip(-1)
-    if cfg.vflip and rng.random() < 0.5:
-        pixels, mask = pixels.flip(-2), mask.flip(-2)
+class JointAugmentation:
+    """One albumentations pipeline for image and mask; every call is seeded on its own, so a sample's augmentation
+    depends only on its seed (not on the worker or what the worker drew before).
+
+    Geometric transforms move image and mask together (nearest-neighbour for the mask); photometric ones touch the
+    image only. Uncovered pixels (affine corners, dropout holes) take the sample's mean grey: black would read as a
+    dark defect. Grayscale textures: no hue, colour or channel changes.
+    """
+
+    def __init__(self, cfg: ClassifierAugmentationConfig, image_size: int):
+        transforms = guide_transforms(image_size) if cfg.preset == "guide" else default_transforms(cfg)
+        self.compose = A.Compose(transforms)
+        self.grey_filled = [t for t in self.compose.transforms if isinstance(t, (A.Affine, A.CoarseDropout))]
+
+    def __call__(self, pixels: torch.Tensor, mask: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 image [3, S, S] and mask [1, S, S] in, the same shapes out."""
+        image = np.ascontiguousarray(pixels.permute(1, 2, 0).numpy())
+        grey = tuple(float(v) for v in image.reshape(-1, 3).mean(0).round())
+        for transform in self.grey_filled:
+            transform.fill = grey
+        # Shared generators, not Compose(seed=...) / set_random_seed: albumentations 2.0.8 gives every transform its own
+        # generator seeded with the same value, so e.g. HorizontalFlip and VerticalFlip always fire together.
+        self.compose.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        out = self.compose(image=image, mask=np.ascontiguousarray(mask[0].numpy()))
+        return torch.from_numpy(out["image"]).permute(2, 0, 1).contiguous(), torch.from_numpy(out["mask"])[None].contiguous()
+
+
+def default_transforms(cfg: ClassifierAugmentationConfig) -> list[A.BasicTransform]:
+    """Flips, quarter turns and a small affine (image and mask), brightness and contrast (image), as configured."""
+    transforms: list[A.BasicTransform] = []
+    if cfg.hflip:
+        transforms.append(A.HorizontalFlip(p=0.5))
+    if cfg.vflip:
+        transforms.append(A.VerticalFlip(p=0.5))
     if cfg.rot90:
-        turns = rng.randrange(4)
-        pixels, mask = pixels.rot90(turns, (-2, -1)), mask.rot90(turns, (-2, -1))
+        transforms.append(A.RandomRotate90(p=1.0))  # 0, 1, 2 or 3 turns
     if cfg.max_rotation or cfg.max_translate or cfg.max_scale:
-        side = pixels.shape[-1]
-        angle = rng.uniform(-cfg.max_rotation, cfg.max_rotation)
-        shift = [round(rng.uniform(-cfg.max_translate, cfg.max_translate) * side) for _ in range(2)]
-        scale = rng.uniform(1 - cfg.max_scale, 1 + cfg.max_scale)
-        # Uncovered corners take the image's mean grey, not black, which would read as a dark defect.
-        fill = [float(v) for v in pixels.float().mean(dim=(1, 2)).round()]
-        pixels = TF.affine(pixels, angle=angle, translate=shift, scale=scale, shear=[0.0], interpolation=InterpolationMode.BILINEAR, fill=fill)
-        mask = TF.affine(mask, angle=angle, translate=shift, scale=scale, shear=[0.0], interpolation=InterpolationMode.NEAREST, fill=[0.0])
-    if cfg.brightness:
-        pixels = TF.adjust_brightness(pixels, rng.uniform(1 - cfg.brightness, 1 + cfg.brightness))
-    if cfg.contrast:
-        pixels = TF.adjust_contrast(pixels, rng.uniform(1 - cfg.contrast, 1 + cfg.contrast))
-    return pixels.contiguous(), mask.contiguous()
+        transforms.append(A.Affine(
+            rotate=(-cfg.max_rotation, cfg.max_rotation), translate_percent=(-cfg.max_translate, cfg.max_translate),
+            scale=(1 - cfg.max_scale, 1 + cfg.max_scale), interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
+            border_mode=cv2.BORDER_CONSTANT, fill_mask=0, p=1.0,
+        ))
+    if cfg.brightness or cfg.contrast:
+        transforms.append(A.RandomBrightnessContrast(
+            brightness_limit=cfg.brightness, contrast_limit=cfg.contrast, brightness_by_max=False, p=1.0
+        ))
+    return transforms
+
+
+def guide_transforms(image_size: int) -> list[A.BasicTransform]:
+    """The seed guide's set at its usual settings. ShiftScaleRotate is deprecated in albumentations 2 in favour of
+    Affine (it warns "a special case of Affine"): the same ranges through Affine. Dropout holes are cleared from the
+    mask too (a hidden defect is not a visible one). ChannelShuffle is left out (grayscale)."""
+    padded = image_size + image_size // 8
+    return [
+        A.PadIfNeeded(min_height=padded, min_width=padded, border_mode=cv2.BORDER_REFLECT_101),
+        A.RandomCrop(height=image_size, width=image_size),
+        A.Affine(  # ShiftScaleRotate's defaults: shift 0.0625, scale 0.1, rotation 45 degrees
+            rotate=(-45, 45), translate_percent=(-0.0625, 0.0625), scale=(0.9, 1.1), interpolation=cv2.INTER_LINEAR,
+            mask_interpolation=cv2.INTER_NEAREST, border_mode=cv2.BORDER_CONSTANT, fill_mask=0, p=0.5,
+        ),
+        A.OneOf([
+            A.GridDistortion(border_mode=cv2.BORDER_REFLECT_101, mask_interpolation=cv2.INTER_NEAREST),
+            A.ElasticTransform(border_mode=cv2.BORDER_REFLECT_101, mask_interpolation=cv2.INTER_NEAREST),
+        ], p=0.3),
+        A.CoarseDropout(num_holes_range=(1, 8), hole_height_range=(0.05, 0.1), hole_width_range=(0.05, 0.1), fill_mask=0, p=0.5),
+    ]
 
 
 def steps_per_epoch(num_examples: int, batch_size: int, accumulation: int, processes: int) -> int:

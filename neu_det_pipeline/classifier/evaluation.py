@@ -71,8 +71,9 @@ def predict_dataset(
     return Predictions(torch.cat(probabilities), torch.cat(labels), torch.cat(ious) if ious else empty, torch.cat(dices) if dices else empty)
 
 
-def metrics(predictions: Predictions, classes: list[str]) -> dict[str, Any]:
-    """Accuracy, macro-F1, per-class precision / recall / F1 / support, confusion matrix, mask IoU and Dice."""
+def metrics(predictions: Predictions, classes: list[str], unit: str = "images") -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class precision / recall / F1 / support, confusion matrix, mask IoU and Dice;
+    the sample count under `unit` (`images`, or `objects` for box crops, where every score is per object)."""
     preds, target, k = predictions.probabilities.argmax(1), predictions.labels, len(classes)
     per_class = {
         "precision": multiclass_precision(preds, target, k, average=None, zero_division=0),
@@ -82,7 +83,7 @@ def metrics(predictions: Predictions, classes: list[str]) -> dict[str, Any]:
     support = torch.bincount(target, minlength=k)
     has_masks = len(predictions.mask_iou) > 0
     return {
-        "images": len(target),
+        unit: len(target),
         "accuracy": multiclass_accuracy(preds, target, k, average="micro").item(),
         "macro_f1": multiclass_f1_score(preds, target, k, average="macro", zero_division=0).item(),
         "mask_iou": predictions.mask_iou.mean().item() if has_masks else None,
@@ -106,7 +107,8 @@ def report_table(result: dict[str, Any], title: str) -> Table:
 
 def score_line(result: dict[str, Any]) -> str:
     masks = f", mask IoU {result['mask_iou']:.3f}, Dice {result['mask_dice']:.3f}" if result["mask_iou"] is not None else ""
-    return f"accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}{masks}"
+    per_object = f"{result['objects']} objects: per-object " if "objects" in result else ""
+    return f"{per_object}accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}{masks}"
 
 
 def write_history_csv(history: list[dict[str, Any]], path: Path) -> Path:

@@ -2,7 +2,12 @@
 
 The ONNX file takes `pixels` [batch, 3, S, S] (RGB in [0, 1]; normalisation is inside the model) and gives
 `logits`, plus `mask_logits` [batch, 1, S, S] and `attention` [batch, 1, h, w] for multitask models. Its
-metadata carries the classes and the input size, so prediction needs nothing but the file.
+metadata carries the classes, the input size and the input mode, so prediction needs nothing but the file.
+
+A model trained on box crops (`classifier.input=box_crops`) classifies boxes: `predict(..., boxes=LABEL_DIR)` reads
+each image's boxes from `LABEL_DIR/<stem>.xml` (Pascal VOC) or `LABEL_DIR/<stem>.txt` (YOLO, `class xc yc w h
+[confidence]`, normalised; the class is ignored), e.g. a detector's output, crops each with the evaluation margin
+and writes one row per box.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import io
 import json
 import logging
 import tempfile
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +28,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from neu_det_pipeline.classifier.checkpoints import load_classifier
-from neu_det_pipeline.classifier.data import load_rgb
+from neu_det_pipeline.classifier.data import crop_box, evaluation_margins, load_rgb
 from neu_det_pipeline.classifier.model import AttentionGuidedClassifier
 from neu_det_pipeline.data.neu_det import IMAGE_SUFFIXES
 from neu_det_pipeline.errors import DataError, PipelineError
@@ -34,6 +40,7 @@ ONNX_OUTPUTS = ("logits", "mask_logits", "attention")
 ONNX_METADATA_KEY = "neu_det_classifier"
 OPSET = 18
 PARITY_TOLERANCE = 1e-3
+RESULTS_SUMMARY = "results_summary.txt"
 PANEL = 256  # overlay panel side in pixels
 MASK_COLOUR = np.array([255, 40, 40], dtype=np.float32)
 
@@ -66,6 +73,7 @@ class TorchPredictor:
         self.model.to(device)
         self.device = device
         self.classes, self.image_size = self.model.spec.classes, self.model.spec.image_size
+        self.input, self.crop_margin = self.model.spec.input, self.model.spec.crop_margin
 
     @torch.no_grad()
     def __call__(self, pixels: np.ndarray) -> Outputs:
@@ -87,6 +95,7 @@ class OnnxPredictor:
                 f"{path} is not an ONNX classifier exported by `neu-det export-onnx` ({type(exc).__name__}); re-export it"
             ) from None
         self.classes, self.image_size = meta["classes"], meta["image_size"]
+        self.input, self.crop_margin = meta.get("input", "image"), meta.get("crop_margin", 0.1)  # older exports: images
 
     def __call__(self, pixels: np.ndarray) -> Outputs:
         outputs = self.session.run(None, {ONNX_INPUT: pixels})
@@ -113,12 +122,21 @@ def list_images(target: Path) -> tuple[Path, list[Path]]:
     raise PipelineError(f"{target} does not exist; pass an image file or a folder of images")
 
 
-def predict(model_file: Path, target: Path, out_dir: Path, batch_size: int = 16) -> dict[str, Any]:
-    """Overlay PNGs and `predictions.csv` for every readable image; each unreadable one gets one line."""
+def predict(model_file: Path, target: Path, out_dir: Path, batch_size: int = 16, boxes: Path | None = None) -> dict[str, Any]:
+    """Overlay PNGs, `predictions.csv` (every class's probability) and `results_summary.txt` (file, class,
+    probability) for every readable image (every box with `boxes`); each unreadable image gets one line."""
     predictor = make_predictor(model_file)
+    if (boxes is not None) != (predictor.input == "box_crops"):
+        raise PipelineError(
+            f"{model_file} was trained on box crops (classifier.input=box_crops); pass --boxes LABEL_DIR with VOC XML or YOLO label files"
+            if boxes is None else
+            f"--boxes needs a model trained with classifier.input=box_crops; {model_file} classifies whole images (drop --boxes)"
+        )
     root, files = list_images(target)
     if not files:
         raise PipelineError(f"{target} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    if boxes is not None:
+        return predict_boxes(predictor, root, files, boxes, out_dir, batch_size)
     rows, unreadable = [], []
     for start in range(0, len(files), batch_size):
         batch: list[tuple[Path, Image.Image]] = []
@@ -148,7 +166,112 @@ def predict(model_file: Path, target: Path, out_dir: Path, batch_size: int = 16)
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out_dir / "predictions.csv", buffer.getvalue())
-    return {"predicted": len(rows), "unreadable": unreadable, "csv": str(out_dir / "predictions.csv")}
+    write_results_summary(rows, out_dir / RESULTS_SUMMARY)
+    return {"predicted": len(rows), "unit": "image(s)", "unreadable": unreadable, "without_boxes": [], "csv": str(out_dir / "predictions.csv")}
+
+
+PixelBox = tuple[float, float, float, float]
+BOX_COLUMNS = ["file", "xmin", "ymin", "xmax", "ymax", "class", "probability"]
+
+
+def label_file(boxes_dir: Path, relative: Path) -> Path | None:
+    """`<stem>.xml` or `<stem>.txt` beside the image's relative folder in `boxes_dir`, else directly in it (XML first)."""
+    for folder in dict.fromkeys((boxes_dir / relative.parent, boxes_dir)):
+        for suffix in (".xml", ".txt"):
+            candidate = folder / f"{relative.stem}{suffix}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def read_boxes(path: Path, width: int, height: int) -> list[PixelBox]:
+    """Pixel boxes (xmin, ymin, xmax, ymax) clipped to the image, from a VOC XML or a YOLO label file; empty boxes
+    (after clipping) are dropped. A malformed file raises one line naming it."""
+    raw: list[PixelBox] = []
+    if path.suffix == ".xml":
+        try:
+            objects = ET.parse(path).findall("object")
+            raw = [tuple(float(obj.find("bndbox").findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")) for obj in objects]  # type: ignore[misc,union-attr,arg-type]
+        except (ET.ParseError, AttributeError, TypeError, ValueError) as exc:
+            raise DataError(f"{path}: not a Pascal VOC file with numeric <bndbox> xmin/ymin/xmax/ymax ({type(exc).__name__}); fix or remove it") from None
+    else:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            fields = line.split()
+            if not fields:
+                continue
+            try:
+                if len(fields) not in (5, 6):
+                    raise ValueError
+                xc, yc, w, h = (float(v) for v in fields[1:5])
+            except ValueError:
+                raise DataError(f"{path} line {number}: {line!r} is not a YOLO line `class x_center y_center width height [confidence]`") from None
+            raw.append(((xc - w / 2) * width, (yc - h / 2) * height, (xc + w / 2) * width, (yc + h / 2) * height))
+    clipped = [(max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1)) for x0, y0, x1, y1 in raw]
+    return [box for box in clipped if box[2] > box[0] and box[3] > box[1]]
+
+
+def predict_boxes(predictor, root: Path, files: list[Path], boxes_dir: Path, out_dir: Path, batch_size: int) -> dict[str, Any]:
+    """One `predictions.csv` row per box (file, box in pixels, class, probability, per-class probabilities) and an
+    overlay per image with its boxes labelled; images without a label file are counted, not classified."""
+    if not boxes_dir.is_dir():
+        raise PipelineError(f"--boxes {boxes_dir} is not a folder; pass the folder of VOC XML or YOLO label files")
+    size, margins = (predictor.image_size, predictor.image_size), evaluation_margins(predictor.crop_margin)
+    rows, unreadable, without_boxes = [], [], []
+    for path in files:
+        relative = path.relative_to(root)
+        labels = label_file(boxes_dir, relative)
+        if labels is None:
+            without_boxes.append(relative.as_posix())
+            continue
+        try:
+            image = load_rgb(path)
+        except DataError as exc:
+            unreadable.append(str(path))
+            console.print(f"[yellow]skipped:[/] {exc}", highlight=False, soft_wrap=True)
+            continue
+        width, height = image.size
+        image_rows = []
+        found = read_boxes(labels, width, height)
+        for start in range(0, len(found), batch_size):
+            chunk = found[start : start + batch_size]
+            crops = [crop_box(image, (x0 / width, y0 / height, x1 / width, y1 / height), margins).resize(size, Image.Resampling.BICUBIC) for x0, y0, x1, y1 in chunk]
+            pixels = np.stack([np.asarray(crop, dtype=np.float32) / 255 for crop in crops]).transpose(0, 3, 1, 2)
+            probabilities = predictor(np.ascontiguousarray(pixels)).probabilities
+            for box, p in zip(chunk, probabilities):
+                image_rows.append({
+                    "file": relative.as_posix(), **{k: f"{v:.1f}" for k, v in zip(BOX_COLUMNS[1:5], box)},
+                    "class": predictor.classes[int(p.argmax())], "probability": f"{p.max():.6f}",
+                    **{c: f"{v:.6f}" for c, v in zip(predictor.classes, p)},
+                })
+        rows += image_rows
+        overlay = render_box_overlay(image, [(tuple(float(r[k]) for k in BOX_COLUMNS[1:5]), r["class"], float(r["probability"])) for r in image_rows])
+        save_image(overlay, out_dir / "overlays" / f"{relative.as_posix().replace('/', '__').rsplit('.', 1)[0]}.png")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[*BOX_COLUMNS, *predictor.classes])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out_dir / "predictions.csv", buffer.getvalue())
+    write_results_summary(rows, out_dir / RESULTS_SUMMARY)
+    return {"predicted": len(rows), "unit": "box(es)", "unreadable": unreadable, "without_boxes": without_boxes, "csv": str(out_dir / "predictions.csv")}
+
+
+def render_box_overlay(image: Image.Image, boxes: list[tuple[PixelBox, str, float]]) -> Image.Image:
+    """The image with each box outlined and labelled with its class and probability."""
+    canvas = image.convert("RGB")
+    draw = ImageDraw.Draw(canvas)
+    for (x0, y0, x1, y1), label, probability in boxes:
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=tuple(int(v) for v in MASK_COLOUR), width=2)
+        draw.text((x0 + 3, y0 + 2), f"{label} {probability:.2f}", fill="yellow")
+    return canvas
+
+
+def write_results_summary(rows: list[dict[str, str]], path: Path) -> Path:
+    """`results_summary.txt`: one line per image, `file<TAB>class<TAB>probability` (of the predicted class); with
+    `--boxes` one line per box, `file<TAB>xmin,ymin,xmax,ymax<TAB>class<TAB>probability`."""
+    def where(row: dict[str, str]) -> str:
+        return f"{row['file']}\t{','.join(row[k] for k in BOX_COLUMNS[1:5])}" if "xmin" in row else row["file"]
+
+    return atomic_write_text(path, "".join(f"{where(row)}\t{row['class']}\t{float(row[row['class']]):.4f}\n" for row in rows))
 
 
 def render_overlay(image: Image.Image, label: str, probability: float, mask: np.ndarray | None, attention: np.ndarray | None) -> Image.Image:
@@ -202,7 +325,7 @@ def export_onnx(checkpoint: Path, out: Path) -> dict[str, Any]:
             dynamic_shapes={"pixels": {0: torch.export.Dim("batch", min=1, max=4096)}}, external_data=False, verbose=False,
         )
         proto = onnx.load(raw)
-    meta = {"classes": spec.classes, "image_size": spec.image_size, "multitask": spec.multitask}
+    meta = {"classes": spec.classes, "image_size": spec.image_size, "multitask": spec.multitask, "input": spec.input, "crop_margin": spec.crop_margin}
     onnx.helper.set_model_props(proto, {ONNX_METADATA_KEY: json.dumps(meta)})
     data = proto.SerializeToString()
 

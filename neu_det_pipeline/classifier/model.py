@@ -7,7 +7,8 @@
     mask logits upsampled to the image size          (trained against the box masks)
 
 With `multitask=False` the decoder is absent and the head sees the global feature alone: the plain
-classifier the benchmark compares against. Inputs are RGB in [0, 1]; normalisation is part of the model,
+classifier the benchmark compares against. `head="wrapper"` swaps enhancer + head for the seed guide's
+Network_Wrapper (ReLU, Linear to 128, ReLU, Linear to the classes), a baseline on the same fused features. Inputs are RGB in [0, 1]; normalisation is part of the model,
 so the ONNX export and prediction need no preprocessing beyond resizing.
 """
 
@@ -23,6 +24,7 @@ from torch import nn
 from neu_det_pipeline.classifier.backbones import Backbone, backbone_from_spec
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # DINOv3 and timm weights use these
+WRAPPER_HIDDEN = 128  # the seed guide's Network_Wrapper width
 
 
 class ClassifierOutput(NamedTuple):
@@ -45,6 +47,12 @@ class ModelSpec:
     decoder_channels: int
     enhancer_dim: int
     dropout: float
+    head: str = "attention_guided"
+    """`attention_guided` or `wrapper` (checkpoints written before the choice existed are `attention_guided`)."""
+    input: str = "image"
+    """`image` or `box_crops`: what `neu-det predict` must feed the model."""
+    crop_margin: float = 0.1
+    """`box_crops`: training margin fraction per side; prediction crops with half of it."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,6 +77,15 @@ def segmentation_decoder(in_channels: int, channels: int) -> nn.Sequential:
     )
 
 
+def classifier_head(spec: ModelSpec, fused: int) -> tuple[nn.Module, nn.Module]:
+    """(enhancer, head) on the fused feature: the attention-guided pair, or the seed guide's Network_Wrapper
+    split the same way (ReLU, Linear, ReLU | Linear) so both heads share the forward pass."""
+    if spec.head == "wrapper":
+        return nn.Sequential(nn.ReLU(), nn.Linear(fused, WRAPPER_HIDDEN), nn.ReLU()), nn.Linear(WRAPPER_HIDDEN, len(spec.classes))
+    enhancer = nn.Sequential(nn.Linear(fused, spec.enhancer_dim), nn.LayerNorm(spec.enhancer_dim), nn.GELU(), nn.Dropout(spec.dropout / 2))
+    return enhancer, nn.Sequential(nn.Dropout(spec.dropout), nn.Linear(spec.enhancer_dim, len(spec.classes)))
+
+
 class AttentionGuidedClassifier(nn.Module):
     def __init__(self, backbone: Backbone, spec: ModelSpec):
         super().__init__()
@@ -77,10 +94,7 @@ class AttentionGuidedClassifier(nn.Module):
         channels = backbone.channels
         self.decoder = segmentation_decoder(channels, spec.decoder_channels) if spec.multitask else None
         fused = 2 * channels if spec.multitask else channels
-        self.enhancer = nn.Sequential(
-            nn.Linear(fused, spec.enhancer_dim), nn.LayerNorm(spec.enhancer_dim), nn.GELU(), nn.Dropout(spec.dropout / 2)
-        )
-        self.head = nn.Sequential(nn.Dropout(spec.dropout), nn.Linear(spec.enhancer_dim, len(spec.classes)))
+        self.enhancer, self.head = classifier_head(spec, fused)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 

@@ -4,8 +4,14 @@
     memorised           a near-copy of a real training image, also flipped or rotated by 90 degrees
     off-class           the real-data detector's most confident box has another class (or there is none)
     label-inconsistent  the detector finds none of the boxes the image carries from its source
+    off-distribution    `keep: top_k | top_p`: among the images the rules kept, not one of the nearest to the real
+                        class in feature space (the distribution score below)
 
 The first rule that fires decides the reason; the curated set is the Step 4 rows no rule rejected.
+
+Distribution score: each synthetic image's distance to the real training images of its class in a feature space:
+Mahalanobis distance to the class mean under the Ledoit-Wolf shrunk covariance (well defined with fewer images than
+dimensions), or the mean Euclidean distance to the k nearest real images. Lower is more typical of the class.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import yaml
 from PIL import Image
 
@@ -23,7 +30,8 @@ from neu_det_pipeline.artifacts import MANIFEST_FILE
 from neu_det_pipeline.config import CurationConfig
 from neu_det_pipeline.io import atomic_write_text, link_or_copy, write_jsonl
 
-REASONS = ("degenerate", "memorised", "off-class", "label-inconsistent")
+REASONS = ("degenerate", "memorised", "off-class", "label-inconsistent", "off-distribution")
+POLICIES = ("top_k", "top_p")
 REJECTIONS_FILE = "rejections.jsonl"
 
 # The eight symmetries of the square: a memorised image may come back flipped or rotated.
@@ -88,6 +96,56 @@ def nearest_copies(synth: np.ndarray, real: np.ndarray, size: int) -> tuple[np.n
     return best, index, transform
 
 
+def ledoit_wolf_covariance(x: torch.Tensor) -> torch.Tensor:
+    """Ledoit & Wolf (2004) covariance of the rows of `x`: the sample covariance shrunk toward a scaled identity by
+    the weight that minimises the expected squared error; invertible for any number of rows >= 2."""
+    n, p = x.shape
+    centred = x - x.mean(dim=0)
+    sample = centred.T @ centred / n
+    mu = torch.trace(sample) / p
+    delta = ((sample - mu * torch.eye(p, dtype=x.dtype)) ** 2).sum() / p
+    beta = ((centred**2).sum(dim=1) ** 2).sum() / n - (sample**2).sum()
+    beta = torch.clamp(beta / (n * p), max=delta)
+    shrinkage = beta / delta if delta > 0 else torch.tensor(1.0, dtype=x.dtype)
+    return shrinkage * mu * torch.eye(p, dtype=x.dtype) + (1 - shrinkage) * sample
+
+
+def distribution_scores(synth: torch.Tensor, synth_labels: list[str], real: torch.Tensor, real_labels: list[str],
+                        method: str, neighbours: int) -> np.ndarray:
+    """Each synthetic feature row's distance to the real rows of its class (`mahalanobis` or `knn`); NaN where the
+    class has fewer than 2 real images."""
+    scores = np.full(len(synth), np.nan)
+    synth_np, real_np = np.asarray(synth_labels), np.asarray(real_labels)
+    for name in sorted(set(synth_labels)):
+        s_idx, r_idx = np.flatnonzero(synth_np == name), np.flatnonzero(real_np == name)
+        if len(r_idx) < 2:
+            continue
+        real_class, synth_class = real[r_idx].double(), synth[s_idx].double()
+        if method == "mahalanobis":
+            diff = synth_class - real_class.mean(dim=0)
+            solved = torch.linalg.solve(ledoit_wolf_covariance(real_class), diff.T).T
+            scores[s_idx] = (diff * solved).sum(dim=1).clamp(min=0).sqrt().numpy()
+        else:
+            k = min(neighbours, len(r_idx))
+            scores[s_idx] = torch.cdist(synth_class, real_class).topk(k, dim=1, largest=False).values.mean(dim=1).numpy()
+    return scores
+
+
+def policy_keeps(scores: np.ndarray, labels: list[str], candidates: np.ndarray, policy: str, top_k: int, top_p: float) -> np.ndarray:
+    """Which images `policy` keeps: per class, among the `candidates` (the rules kept them), the `top_k` or the
+    ceil(`top_p` * n) with the lowest score; `all` keeps every candidate. An image without a score (NaN) is kept."""
+    keep = candidates.copy()
+    if policy == "all":
+        return keep
+    labels_np = np.asarray(labels)
+    for name in set(labels):
+        ranked = np.flatnonzero(candidates & (labels_np == name) & np.isfinite(scores))
+        allowed = top_k if policy == "top_k" else int(np.ceil(top_p * len(ranked)))
+        order = ranked[np.argsort(scores[ranked], kind="stable")]
+        keep[order[allowed:]] = False
+    return keep
+
+
 def curate(
     rows: list[dict[str, Any]],
     synth_pixels: np.ndarray,
@@ -95,11 +153,13 @@ def curate(
     real_names: list[str],
     config: CurationConfig,
     consistency: dict[str, dict[str, Any]] | None,
+    scores: np.ndarray | None = None,
 ) -> tuple[list[dict[str, Any]], list[Rejection], list[float]]:
     """Apply the rules to Step 4 `rows` (aligned with `synth_pixels`); `consistency` (name -> {"agrees",
-    "recall", "top"}) is None when the label rule is off. Returns kept rows, rejections, copy similarities."""
+    "recall", "top"}) is None when the label rule is off; `scores` (distribution scores, aligned) feed
+    `config.keep`. Returns kept rows, rejections, copy similarities."""
     similarity, nearest, transform = nearest_copies(synth_pixels, real_pixels, config.memorised_size)
-    kept, rejected = [], []
+    verdicts: list[tuple[str, str] | None] = []
     for i, row in enumerate(rows):
         found = degenerate_detail(synth_pixels[i], config.min_std, config.max_saturated_fraction)
         reason = "degenerate" if found else None
@@ -112,10 +172,16 @@ def curate(
                 reason, found = "off-class", f"top detection: {check['top'] or 'none'}"
             elif check["recall"] == 0:
                 reason, found = "label-inconsistent", f"none of its {len(row['boxes'])} boxes detected at IoU 0.5"
-        if reason is None:
-            kept.append(row)
-        else:
-            rejected.append(Rejection(row["name"], row["class"], reason, found))
+        verdicts.append((reason, found) if reason else None)
+    if scores is not None and config.keep != "all":
+        labels = [row["class"] for row in rows]
+        candidates = np.array([v is None for v in verdicts])
+        keep = policy_keeps(scores, labels, candidates, config.keep, config.top_k, config.top_p)
+        threshold = f"top_k={config.top_k}" if config.keep == "top_k" else f"top_p={config.top_p}"
+        for i in np.flatnonzero(candidates & ~keep):
+            verdicts[i] = ("off-distribution", f"{config.score} score {scores[i]:.3f}: not among the nearest to real {labels[i]} ({threshold})")
+    kept = [row for row, verdict in zip(rows, verdicts) if verdict is None]
+    rejected = [Rejection(row["name"], row["class"], *verdict) for row, verdict in zip(rows, verdicts) if verdict is not None]
     return kept, rejected, [round(float(s), 4) for s in similarity]
 
 

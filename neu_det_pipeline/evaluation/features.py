@@ -5,11 +5,18 @@
     clip        CLIP image embeddings (`models.clip`), the space recent evaluation papers recommend
     dinov3      DINOv3 pooled (CLS) features (`models.dinov3`: timm or transformers weights, see `dinov3`)
 
-Every extractor maps (N, H, W) uint8 grayscale arrays to an (N, D) float32 tensor on the CPU.
+Every extractor maps (N, H, W) uint8 grayscale arrays to an (N, D) float32 tensor on the CPU, and says which
+weights it runs (`weights`: a file's sha256, or a hub id with its cached commit) and the side of the square image
+its network is fed (`input_size`): what a reader needs to compare the numbers with published ones.
+
+`FeatureCache` keeps features on disk per (image content, extractor, weights, dtype), so the real images' features
+are computed once per machine when runs share `evaluation.feature_cache_dir`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,14 +27,30 @@ from neu_det_pipeline.config import PipelineConfig
 from neu_det_pipeline.dinov3 import load_dinov3, preprocessor, vit_tokens, width
 from neu_det_pipeline.errors import PipelineError
 from neu_det_pipeline.evaluation.images import gray_to_rgb
-from neu_det_pipeline.models import inference_dtype, resolve_device
+from neu_det_pipeline.io import atomic_write_bytes
+from neu_det_pipeline.models import DTYPE_NAMES, inference_dtype, local_folder, resolve_device
+
+INCEPTION_INPUT = 299
+"""torch-fidelity's Inception-v3 resizes every image to 299 px (bilinear) inside the network."""
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 
 
 class FeatureExtractor:
     """A named image encoder run in batches."""
 
-    def __init__(self, name: str, dim: int, encode: Callable[[np.ndarray], torch.Tensor], batch_size: int) -> None:
+    def __init__(self, name: str, dim: int, encode: Callable[[np.ndarray], torch.Tensor], batch_size: int,
+                 model: str = "", weights: str = "", input_size: int = 0, dtype: str = "fp32") -> None:
         self.name, self.dim, self._encode, self.batch_size = name, dim, encode, batch_size
+        self.model, self.weights, self.input_size, self.dtype = model, weights, input_size, dtype
+
+    def describe(self) -> dict[str, object]:
+        """What metrics.json records of this feature space."""
+        return {"model": self.model, "weights": self.weights, "input_size": self.input_size, "dim": self.dim, "dtype": self.dtype}
+
+    @property
+    def cache_key(self) -> str:
+        """Folder name in the feature cache: features of other weights or another dtype never mix."""
+        return f"{self.name}-{hashlib.sha256(f'{self.weights}|{self.dtype}'.encode()).hexdigest()[:16]}"
 
     @torch.inference_mode()
     def __call__(self, pixels: np.ndarray, progress: Callable[[int], None] | None = None) -> torch.Tensor:
@@ -55,8 +78,10 @@ def _inception(config: PipelineConfig, device: torch.device, dtype: torch.dtype)
             raise PipelineError(f"evaluation.inception_weights: {weights} is not a plain state dict ({type(exc).__name__}); "
                                 f"use the torch-fidelity weights file") from None
     try:
+        # antialias=False: torch-fidelity's TF1-style bilinear resize to 299 px, as in the original FID code;
+        # torchmetrics' default (torch's antialiased resize) gives other features, so other FIDs.
         network = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                                     feature_extractor_weights_path=str(weights) if weights else None)
+                                     feature_extractor_weights_path=str(weights) if weights else None, antialias=False)
     except (OSError, RuntimeError, ValueError) as exc:  # URLError is an OSError
         raise PipelineError(
             f"Inception weights could not be loaded ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
@@ -68,15 +93,22 @@ def _inception(config: PipelineConfig, device: torch.device, dtype: torch.dtype)
         # uint8 RGB at any size: the network resizes to 299 px itself.
         return network(torch.from_numpy(batch).to(device).unsqueeze(1).expand(-1, 3, -1, -1))
 
-    return FeatureExtractor("inception", 2048, encode, config.evaluation.batch_size)
+    if weights is not None:
+        model, identity = str(weights), f"sha256:{files_sha256([Path(weights)])}"
+    else:
+        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+        model, identity = URL_INCEPTION_V3, f"torch-fidelity:{Path(URL_INCEPTION_V3).name}"
+    return FeatureExtractor("inception", 2048, encode, config.evaluation.batch_size, model, identity, INCEPTION_INPUT, DTYPE_NAMES[dtype])
 
 
 def _clip(config: PipelineConfig, device: torch.device, dtype: torch.dtype) -> FeatureExtractor:
     from neu_det_pipeline.captions.scorers import CLIPScorer
 
     scorer = CLIPScorer.from_pretrained(config.models.clip, device, dtype)
-    return FeatureExtractor("clip", scorer.model.config.projection_dim,
-                            lambda batch: scorer.encode_images(gray_to_rgb(batch)), config.evaluation.batch_size)
+    fed = scorer.processor(images=gray_to_rgb(np.zeros((1, 8, 8), np.uint8)), return_tensors="pt")["pixel_values"].shape[-1]
+    return FeatureExtractor("clip", scorer.model.config.projection_dim, lambda batch: scorer.encode_images(gray_to_rgb(batch)),
+                            config.evaluation.batch_size, config.models.clip, weights_identity(config.models.clip), fed, DTYPE_NAMES[dtype])
 
 
 def _dinov3(config: PipelineConfig, device: torch.device, dtype: torch.dtype) -> FeatureExtractor:
@@ -87,7 +119,73 @@ def _dinov3(config: PipelineConfig, device: torch.device, dtype: torch.dtype) ->
     def encode(batch: np.ndarray) -> torch.Tensor:
         return vit_tokens(model, preprocess(gray_to_rgb(batch)).to(device, dtype))[:, 0]  # CLS
 
-    return FeatureExtractor("dinov3", width(model), encode, config.evaluation.batch_size)
+    fed = preprocess(gray_to_rgb(np.zeros((1, 8, 8), np.uint8))).shape[-1]
+    return FeatureExtractor("dinov3", width(model), encode, config.evaluation.batch_size, model_id, weights_identity(model_id),
+                            fed, DTYPE_NAMES[dtype])
+
+
+def files_sha256(paths: list[Path]) -> str:
+    """sha256 over the files' names and contents (read in chunks: weights files are large)."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights_identity(model_id: str) -> str:
+    """`sha256:...` of a local folder's weight files; for a hub id, `hub:<id>@<commit>` of the copy in the Hugging
+    Face cache (the one just loaded), or `hub:<id>` when the cache does not say."""
+    folder = local_folder(model_id)
+    if folder is not None:
+        return f"sha256:{files_sha256([p for p in folder.rglob('*') if p.is_file() and p.suffix in WEIGHT_SUFFIXES])}"
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = model_id.removeprefix("hf-hub:")
+    cached = try_to_load_from_cache(repo, "config.json")
+    commit = Path(cached).parent.name if isinstance(cached, str) else None
+    return f"hub:{repo}@{commit}" if commit else f"hub:{repo}"
+
+
+class FeatureCache:
+    """Per-image features on disk: `<root>/<extractor key>/<sha256[:2]>/<sha256 of the 200 px pixels>.npy`.
+
+    Writes are atomic (temporary file + rename), so runs sharing the folder never read half a file."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @staticmethod
+    def content_keys(pixels: np.ndarray) -> list[str]:
+        return [hashlib.sha256(np.ascontiguousarray(p).tobytes()).hexdigest() for p in pixels]
+
+    def _path(self, extractor_key: str, content: str) -> Path:
+        return self.root / extractor_key / content[:2] / f"{content}.npy"
+
+    def features(self, extractor: FeatureExtractor, pixels: np.ndarray, progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, int]:
+        """The (N, D) features of `pixels`, cached ones read and missing ones computed and stored; also how many
+        were computed now."""
+        keys = self.content_keys(pixels)
+        out = np.zeros((len(pixels), extractor.dim), np.float32)
+        missing = []
+        for i, key in enumerate(keys):
+            path = self._path(extractor.cache_key, key)
+            if path.is_file():
+                out[i] = np.load(path)
+                if progress:
+                    progress(1)
+            else:
+                missing.append(i)
+        if missing:
+            computed = extractor(pixels[missing], progress).numpy()
+            for i, vector in zip(missing, computed):
+                buffer = io.BytesIO()
+                np.save(buffer, vector)
+                atomic_write_bytes(self._path(extractor.cache_key, keys[i]), buffer.getvalue())
+                out[i] = vector
+        return torch.from_numpy(out), len(missing)
 
 
 EXTRACTORS: dict[str, Callable[[PipelineConfig, torch.device, torch.dtype], FeatureExtractor]] = {

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import yaml
@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from neu_det_pipeline.artifacts import MANIFEST_FILE
 from neu_det_pipeline.config import NEU_DET_CLASSES
-from neu_det_pipeline.data.neu_det import IMAGE_SUFFIXES, detect_layout, discover
+from neu_det_pipeline.data.neu_det import IMAGE_SUFFIXES, detect_layout, discover, load_sample
 from neu_det_pipeline.errors import DataError
 from neu_det_pipeline.io import read_jsonl
 
@@ -36,12 +36,29 @@ LAYOUT_HELP = (
 )
 
 
+class RelativeBox(NamedTuple):
+    """A labelled box as fractions of the image's width and height, so it fits the image at any size."""
+
+    label: str
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+
+def relative_boxes(boxes: Iterable[dict[str, Any]], width: float, height: float) -> tuple[RelativeBox, ...]:
+    """Pascal VOC box records (`label`, `xmin` ... in pixels of a `width` x `height` image) as fractions."""
+    return tuple(RelativeBox(b["label"], b["xmin"] / width, b["ymin"] / height, b["xmax"] / width, b["ymax"] / height) for b in boxes)
+
+
 @dataclass(frozen=True)
 class LabelledImage:
     name: str
     """Unique name inside its folder (file stem, or the Step 4 row name)."""
     image_class: str
     path: Path
+    boxes: tuple[RelativeBox, ...] = ()
+    """Its defect boxes, where the layout has them (not class folders)."""
 
 
 @dataclass
@@ -73,6 +90,24 @@ class ImageFolder:
     def subset(self, indices: list[int]) -> ImageFolder:
         pixels = self.pixels[indices] if self.pixels is not None else None
         return ImageFolder(self.root, self.layout, self.classes, [self.images[i] for i in indices], [], pixels)
+
+    def box_crops(self, side: int, min_pixels: int = 4) -> tuple[np.ndarray, list[str], list[int]]:
+        """Every box's pixels (from the loaded images), resized to (side, side): crops, box labels, image indices.
+        Boxes under `min_pixels` px on a side are left out (nothing to compare)."""
+        crops, labels, owners = [], [], []
+        for index, (image, pixels) in enumerate(zip(self.images, self.pixels)):
+            height, width = pixels.shape
+            for box in image.boxes:
+                x0, y0 = int(box.x0 * width), int(box.y0 * height)
+                x1, y1 = int(round(box.x1 * width)), int(round(box.y1 * height))
+                if min(x1 - x0, y1 - y0) < min_pixels:
+                    continue
+                crop = Image.fromarray(pixels[y0:y1, x0:x1]).resize((side, side), Image.Resampling.BICUBIC)
+                crops.append(np.asarray(crop, np.uint8))
+                labels.append(box.label)
+                owners.append(index)
+        stacked = np.stack(crops) if crops else np.zeros((0, side, side), np.uint8)
+        return stacked, labels, owners
 
     def load(self, track: Callable[[Iterable[Any], int, str], Iterable[Any]] | None = None, description: str = "loading") -> ImageFolder:
         """Decode every image (once; `track` draws a progress bar); a corrupt file stops with its name."""
@@ -117,7 +152,8 @@ def _read_step4(root: Path, classes: list[str]) -> ImageFolder:
     for row in read_jsonl(manifest):
         if "file" not in row or "class" not in row:
             raise DataError(f"{manifest}: a row lacks 'file' or 'class'; it is not a Step 4 manifest")
-        images.append(LabelledImage(row.get("name", Path(row["file"]).stem), row["class"], path_inside(root, row["file"], manifest)))
+        boxes = relative_boxes(row["boxes"], row["width"], row["height"]) if {"boxes", "width", "height"} <= row.keys() else ()
+        images.append(LabelledImage(row.get("name", Path(row["file"]).stem), row["class"], path_inside(root, row["file"], manifest), boxes))
     return ImageFolder(root, "step4", classes, images)
 
 
@@ -131,19 +167,28 @@ def _read_yolo(root: Path, classes: list[str] | None) -> ImageFolder:
     images, skipped = [], []
     for path in _images_under(root / "images"):
         label = root / "labels" / path.relative_to(root / "images").with_suffix(".txt")
-        ids = [int(line.split()[0]) for line in label.read_text().splitlines() if line.strip()] if label.is_file() else []
+        lines = [line.split() for line in label.read_text().splitlines() if line.strip()] if label.is_file() else []
+        ids = [int(line[0]) for line in lines]
         if not ids or max(ids) >= len(names):
             skipped.append(f"{path.relative_to(root)}: no box with a class in data.yaml")
             continue
         # most_common keeps first-seen order on ties; sort so ties go to the lowest class id.
         image_class = names[Counter(sorted(ids)).most_common(1)[0][0]]
-        images.append(LabelledImage(path.relative_to(root / "images").with_suffix("").as_posix(), image_class, path))
+        boxes = tuple(RelativeBox(names[int(i)], float(cx) - float(w) / 2, float(cy) - float(h) / 2, float(cx) + float(w) / 2,
+                                  float(cy) + float(h) / 2) for i, cx, cy, w, h in (line[:5] for line in lines))
+        images.append(LabelledImage(path.relative_to(root / "images").with_suffix("").as_posix(), image_class, path, boxes))
     return ImageFolder(root, "yolo", names if classes is None else classes, images, skipped)
 
 
 def _read_neu_det(root: Path, classes: list[str]) -> ImageFolder:
     _, pairs = discover(root, "auto", classes)
-    images = [LabelledImage(p.id, p.image_class, p.image_path) for p in pairs if p.image_path and p.image_class]
+    images = []
+    for pair in pairs:
+        if pair.image_path and pair.image_class:
+            # Boxes from the annotation where it is valid; an image without one still counts for whole-image metrics.
+            sample = load_sample(pair, classes, root)[0] if pair.annotation_path else None
+            boxes = relative_boxes(map(asdict, sample.boxes), sample.width, sample.height) if sample else ()
+            images.append(LabelledImage(pair.id, pair.image_class, pair.image_path, boxes))
     skipped = [f"{p.image_path.relative_to(root)}: class not one of {', '.join(classes)}" for p in pairs if p.image_path and not p.image_class]
     return ImageFolder(root, "neu-det", classes, images, skipped)
 

@@ -8,11 +8,11 @@ from typing import Any
 
 from neu_det_pipeline.artifacts import MANIFEST_FILE
 from neu_det_pipeline.errors import MissingStepOutputError
-from neu_det_pipeline.evaluation.images import ImageFolder, LabelledImage, path_inside
+from neu_det_pipeline.evaluation.images import ImageFolder, LabelledImage, path_inside, relative_boxes
 from neu_det_pipeline.evaluation.utility import TrainImage
 from neu_det_pipeline.io import read_jsonl
 
-STEP4_KEYS = ("name", "file", "class", "source", "boxes", "yolo_image", "yolo_label")
+STEP4_KEYS = ("name", "file", "class", "source", "boxes", "width", "height", "yolo_image", "yolo_label")
 
 
 @dataclass
@@ -47,7 +47,8 @@ def read_step_inputs(step0_dir: Path, step4_dir: Path, data_root: Path, classes:
     for row in sorted(read_jsonl(manifest0), key=lambda r: r["id"]):
         real_rows.setdefault(row["split"], []).append(row)
     real = {
-        split: ImageFolder(data_root, "neu-det", classes, [LabelledImage(r["id"], r["class"], path_inside(data_root, r["source"], manifest0)) for r in rows])
+        split: ImageFolder(data_root, "neu-det", classes, [LabelledImage(r["id"], r["class"], path_inside(data_root, r["source"], manifest0),
+                                                     relative_boxes(r["boxes"], r["width"], r["height"])) for r in rows])
         for split, rows in real_rows.items()
     }
     synth_rows = read_jsonl(manifest4)
@@ -60,7 +61,8 @@ def read_step_inputs(step0_dir: Path, step4_dir: Path, data_root: Path, classes:
         for key in ("file", "yolo_image", "yolo_label"):
             if not path_inside(step4_dir, row[key], manifest4).is_file():
                 raise MissingStepOutputError(f"{step4_dir / row[key]} (listed in {manifest4}) is missing; {rerun4}")
-    synth = ImageFolder(step4_dir, "step4", classes, [LabelledImage(r["name"], r["class"], step4_dir / r["file"]) for r in synth_rows])
+    synth = ImageFolder(step4_dir, "step4", classes, [LabelledImage(r["name"], r["class"], step4_dir / r["file"], relative_boxes(r["boxes"], r["width"], r["height"]))
+                                                      for r in synth_rows])
     if "train" not in real:
         raise MissingStepOutputError(f"{manifest0} has no training images; raise data.split.train and re-run step0_prepare")
     return StepInputs(real, real_rows, synth, synth_rows, step0_dir, step4_dir)

@@ -1,4 +1,10 @@
-"""Image-level similarity: LPIPS (lpips package), edge-SSIM and multi-scale LBP texture (scikit-image)."""
+"""Image-level similarity: LPIPS (lpips package) and IC-LPIPS, edge-SSIM and multi-scale LBP texture (scikit-image).
+
+IC-LPIPS (intra-cluster LPIPS; Ojha et al. 2021, used for defect images by DFMGAN and AnomalyDiffusion): each
+synthetic image joins the cluster of the real image nearest to it in LPIPS; the score is the mean pairwise LPIPS
+among (up to `cluster_size` random) members of each cluster with two or more members, averaged over those clusters.
+High: the generator varies around each real image; near 0: it copies one image per cluster (overfitting).
+"""
 
 from __future__ import annotations
 
@@ -40,6 +46,11 @@ class LPIPSDistance:
         x = torch.from_numpy(pixels).to(self.device, torch.float32).div(127.5).sub(1)
         return x.unsqueeze(1).expand(-1, 3, -1, -1)
 
+    def indexed(self, a: np.ndarray, b: np.ndarray, index_a: np.ndarray, index_b: np.ndarray) -> np.ndarray:
+        """Distances between a[index_a[i]] and b[index_b[i]], batched without stacking every pair at once."""
+        out = [self(a[index_a[i : i + self.batch_size]], b[index_b[i : i + self.batch_size]]) for i in range(0, len(index_a), self.batch_size)]
+        return np.concatenate(out) if out else np.zeros(0)
+
     @torch.inference_mode()
     def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Distances between a[i] and b[i] for stacks of equal shape (N, H, W)."""
@@ -56,6 +67,30 @@ class LPIPSDistance:
             return None
         first, second = zip(*pairs)
         return float(self(pixels[list(first)], pixels[list(second)]).mean())
+
+
+def nearest_by_lpips(lpips: LPIPSDistance, synth: np.ndarray, centres: np.ndarray, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each synthetic image, the LPIPS-nearest of its `candidates` (N_synth, k) among `centres`: the distance
+    and the centre's index (exact, as in the papers, when the candidates are all centres)."""
+    k = candidates.shape[1]
+    distances = lpips.indexed(synth, centres, np.repeat(np.arange(len(synth)), k), candidates.ravel()).reshape(len(synth), k)
+    best = distances.argmin(axis=1)
+    return distances[np.arange(len(synth)), best], candidates[np.arange(len(synth)), best]
+
+
+def intra_cluster_lpips(lpips: LPIPSDistance, synth: np.ndarray, assigned: np.ndarray, cluster_size: int, seed: int) -> dict[str, float | int | None]:
+    """IC-LPIPS of `synth`, whose image i belongs to the cluster of real image `assigned[i]`."""
+    rng = random.Random(seed)
+    means = []
+    for centre in np.unique(assigned):
+        members = [int(i) for i in np.flatnonzero(assigned == centre)]
+        if len(members) < 2:
+            continue  # a single member has no pair (Ojha et al. leave such clusters out of the mean)
+        members = sorted(rng.sample(members, min(cluster_size, len(members))))
+        first, second = zip(*[(members[i], members[j]) for i in range(len(members)) for j in range(i + 1, len(members))])
+        means.append(float(lpips.indexed(synth, synth, np.array(first), np.array(second)).mean()))
+    return {"ic_lpips": round(float(np.mean(means)), 5) if means else None, "clusters": int(len(np.unique(assigned))),
+            "clusters_scored": len(means)}
 
 
 def random_pairs(n: int, max_pairs: int, seed: int) -> list[tuple[int, int]]:

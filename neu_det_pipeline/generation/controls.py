@@ -152,6 +152,18 @@ class ControlMapCache:
         save_image(made, path, **FAST_PNG)
         return made, True
 
+    def get_for_pixels(self, image: Image.Image, key: str, detect: Callable[[], Detect], resolution: int) -> tuple[Image.Image, bool]:
+        """The map of an image made in memory (a transplanted layout), keyed by the sha256 of its RGB pixels."""
+        rgb = image.convert("RGB")
+        digest = hashlib.sha256(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()
+        path = self.path(digest, key)
+        if path.is_file():
+            with Image.open(path) as cached:
+                return cached.convert("RGB"), False
+        made = detect()(rgb, resolution)
+        save_image(made, path, **FAST_PNG)
+        return made, True
+
 
 # ---------------------------------------------------------------------------------- augmentation
 

@@ -27,6 +27,7 @@ from neu_det_pipeline.data.export import (
 )
 from neu_det_pipeline.data.neu_det import Box
 from neu_det_pipeline.errors import PipelineError
+from neu_det_pipeline.evaluation.report import Tile, labelled_sheet
 from neu_det_pipeline.io import (
     FAST_PNG,
     atomic_write_text,
@@ -154,21 +155,26 @@ def sheet_source_ids(rows: list[dict[str, Any]]) -> set[str]:
 
 
 def contact_sheet(rows: list[dict[str, Any]], out_dir: Path, source_image: dict[str, Path], maps: dict[str, dict[str, Path]]) -> Image.Image:
-    """One row per source: the real image, its control maps, then its synthetic images with their boxes."""
+    """One row per source, labelled with its id: the real image, its control maps, then its synthetic images with their
+    boxes (red), each column labelled, each synthetic image's name after the source id (seed index, layout
+    augmentation) under it."""
     by_source: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         if row["source"] in source_image:
             by_source.setdefault(row["source"], []).append(row)
     sources = sorted(by_source)
     map_names = sorted({name for source in sources for name in maps.get(source, {})})
-    columns = 1 + len(map_names) + max(len(by_source[s]) for s in sources)
-    sheet = Image.new("RGB", (columns * SHEET_TILE, len(sources) * SHEET_TILE), "white")
-    for r, source in enumerate(sources):
-        tiles = [_tile(source_image[source])] + [_tile(maps[source][name]) for name in map_names if name in maps[source]]
-        tiles += [_tile(out_dir / row["file"], row["boxes"]) for row in by_source[source]]
-        for c, tile in enumerate(tiles):
-            sheet.paste(tile, (c * SHEET_TILE, r * SHEET_TILE))
-    return sheet
+    most = max(len(by_source[s]) for s in sources)
+    columns = ["real (source)", *(f"{name} map" for name in map_names), *(f"synthetic {i + 1}" for i in range(most))]
+    sheet_rows = []
+    for source in sources:
+        tiles: list[Tile | None] = [Tile(_tile(source_image[source]))]
+        tiles += [Tile(_tile(maps[source][name])) if name in maps[source] else None for name in map_names]
+        tiles += [Tile(_tile(out_dir / row["file"], row["boxes"]), row["name"].removeprefix(f"{source}-")) for row in by_source[source]]
+        sheet_rows.append((source, tiles))
+    title = (f"{rows[0]['class']}: each row a real training image, its control maps and the images generated from them "
+             "(the source's boxes in red)")
+    return labelled_sheet(sheet_rows, columns, title, SHEET_TILE)
 
 
 def _tile(path: Path, boxes: list[dict[str, Any]] | None = None) -> Image.Image:

@@ -1,6 +1,6 @@
 """The diffusers ControlNet pipeline Step 4 generates with, built from the config.
 
-One class picks the pipeline (SD 1.5 or SDXL; txt2img or img2img; one ControlNet per control, diffusers'
+One class picks the pipeline (SD 1.5 or SDXL; txt2img, img2img or inpainting; one ControlNet per control, diffusers'
 multi-ControlNet for several, or SDXL's union ControlNet), the sampler, the Step 1 tokens, the Step 3
 adapters and the GPU options, then makes a batch of images with one CPU generator per image, so an image's
 pixels depend on its own seed and inputs, not on its batch or process.
@@ -32,10 +32,13 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetInpaintPipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionXLControlNetImg2ImgPipeline,
+    StableDiffusionXLControlNetInpaintPipeline,
     StableDiffusionXLControlNetPipeline,
     StableDiffusionXLControlNetUnionImg2ImgPipeline,
+    StableDiffusionXLControlNetUnionInpaintPipeline,
     StableDiffusionXLControlNetUnionPipeline,
     UniPCMultistepScheduler,
 )
@@ -46,7 +49,8 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
 from PIL import Image
 
 from neu_det_pipeline.artifacts import LORA_WEIGHTS_FILE, TOKEN_MAP_FILE
-from neu_det_pipeline.config import PipelineConfig
+from neu_det_pipeline.config import GenerationConfig, PipelineConfig
+from neu_det_pipeline.config.generation import INPAINT_MODES
 from neu_det_pipeline.errors import PipelineError
 from neu_det_pipeline.io import read_json
 from neu_det_pipeline.models import drop_log_messages, load_model, weights_variant
@@ -61,13 +65,16 @@ SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
     "ddim": (DDIMScheduler, {}),
 }
 PIPELINES: dict[tuple[str, str, bool], type[DiffusionPipeline]] = {
-    # (family, mode, union ControlNet)
+    # (family, pipeline kind, union ControlNet); `pipeline_kind` maps both inpaint modes to "inpaint"
     ("sd15", "txt2img", False): StableDiffusionControlNetPipeline,
     ("sd15", "img2img", False): StableDiffusionControlNetImg2ImgPipeline,
+    ("sd15", "inpaint", False): StableDiffusionControlNetInpaintPipeline,
     ("sdxl", "txt2img", False): StableDiffusionXLControlNetPipeline,
     ("sdxl", "img2img", False): StableDiffusionXLControlNetImg2ImgPipeline,
+    ("sdxl", "inpaint", False): StableDiffusionXLControlNetInpaintPipeline,
     ("sdxl", "txt2img", True): StableDiffusionXLControlNetUnionPipeline,
     ("sdxl", "img2img", True): StableDiffusionXLControlNetUnionImg2ImgPipeline,
+    ("sdxl", "inpaint", True): StableDiffusionXLControlNetUnionInpaintPipeline,
 }
 UNION_CONTROL_MODES = {"depth": 1, "softedge": 2, "canny": 3, "normal": 4}
 """Control type index of xinsir/controlnet-union-sdxl-1.0 (0 openpose, 1 depth, 2 hed/pidi/scribble, 3 canny/lineart,
@@ -150,9 +157,53 @@ def step3_lora_file(step3_dir: Path) -> Path:
     return path
 
 
+# ------------------------------------------------------------------------------------- inpainting
+
+
+def pipeline_kind(mode: str) -> str:
+    """`txt2img`, `img2img` or `inpaint` (both inpaint modes load the same pipeline; only their masks differ)."""
+    return "inpaint" if mode in INPAINT_MODES else mode
+
+
+def generation_base_model(config: PipelineConfig) -> tuple[str, str]:
+    """(config key, model id) of the base pipeline Step 4 loads: the family's dedicated inpainting checkpoint
+    (`models.sd15_inpaint` / `models.sdxl_inpaint`) in an inpaint mode when one is set, else the base model."""
+    family = config.models.pipeline
+    inpaint_id = getattr(config.models, f"{family}_inpaint", None)
+    if pipeline_kind(config.generation.mode) == "inpaint" and inpaint_id:
+        return f"models.{family}_inpaint", inpaint_id
+    return base_model(config)
+
+
+def inpaint_arguments(init_images: list[Image.Image], masks: list[Image.Image], strength: float) -> dict[str, Any]:
+    """The inpainting pipelines' source and mask arguments: white (255) mask pixels are regenerated.
+
+    The pipelines binarise the mask at 0.5 and work on whole latent pixels; the step pastes the source back outside
+    its own (feathered) region after decoding, so what the mask covers beyond that region does not reach the output.
+    """
+    return {"image": init_images, "mask_image": [mask.convert("L") for mask in masks], "strength": strength}
+
+
 def _as_batch(images: list[Image.Image]) -> torch.Tensor:
     pixels = np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0 for image in images])
     return torch.from_numpy(pixels).permute(0, 3, 1, 2)
+
+
+def place_on_device(pipe: Any, section: GenerationConfig, device: torch.device, compiled: tuple[str, ...]) -> None:
+    """VAE slicing / tiling, then model CPU offload or `.to(device)`, then torch.compile of the pipeline's `compiled`
+    modules (CUDA only; the CPU ignores offload and compile, and the summary says so)."""
+    if section.vae_slicing:
+        pipe.vae.enable_slicing()
+    if section.vae_tiling:
+        pipe.vae.enable_tiling()
+    cuda = device.type == "cuda"
+    if section.cpu_offload and cuda:
+        pipe.enable_model_cpu_offload(device=device)  # moves each model to the GPU only while it runs
+    else:
+        pipe.to(device)
+    if section.compile and cuda:
+        for name in compiled:
+            setattr(pipe, name, torch.compile(getattr(pipe, name), mode="max-autotune-no-cudagraphs", fullgraph=False))
 
 
 class ControlNetGenerator:
@@ -161,10 +212,10 @@ class ControlNetGenerator:
     def __init__(self, config: PipelineConfig, device: torch.device, dtype: torch.dtype, step1_dir: Path, step3_dir: Path):
         section, family = config.generation, config.models.pipeline
         self.section, self.family, self.device = section, family, device
-        base_key, base_id = base_model(config)
+        base_key, base_id = generation_base_model(config)
         self.controlnet_ids = config.controlnet_ids()
         self.controlnets = self._load_controlnets(config, dtype)
-        pipeline_class = PIPELINES[(family, section.mode, section.union_controlnet)]
+        pipeline_class = PIPELINES[(family, pipeline_kind(section.mode), section.union_controlnet)]
         controlnet = next(iter(self.controlnets.values())) if len(self.controlnets) == 1 else list(self.controlnets.values())
         extra = {"safety_checker": None, "requires_safety_checker": False} if family == "sd15" else {}
         self.pipe = load_model(
@@ -219,18 +270,7 @@ class ControlNetGenerator:
         if section.channels_last:
             for network in networks:
                 network.to(memory_format=torch.channels_last)
-        if section.vae_slicing:
-            pipe.vae.enable_slicing()
-        if section.vae_tiling:
-            pipe.vae.enable_tiling()
-        cuda = self.device.type == "cuda"
-        if section.cpu_offload and cuda:
-            pipe.enable_model_cpu_offload(device=self.device)  # moves each model to the GPU only while it runs
-        else:
-            pipe.to(self.device)
-        if section.compile and cuda:
-            pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs", fullgraph=False)
-            pipe.controlnet = torch.compile(pipe.controlnet, mode="max-autotune-no-cudagraphs", fullgraph=False)
+        place_on_device(pipe, section, self.device, compiled=("unet", "controlnet"))
 
     @property
     def gpu_options_ignored(self) -> list[str]:
@@ -257,7 +297,7 @@ class ControlNetGenerator:
         scales = [section.conditioning_scales[c] for c in controls]
         starts = [start for start, _ in self.control_guidance.values()]
         ends = [end for _, end in self.control_guidance.values()]
-        image_key = "control_image" if section.mode == "img2img" or section.union_controlnet else "image"
+        image_key = "control_image" if pipeline_kind(section.mode) != "txt2img" or section.union_controlnet else "image"
         if section.union_controlnet:
             # One union model sees every map; its pipeline takes one start / end per control mode and multiplies each
             # mode's conditioning scale by 0 outside that mode's window (diffusers' `controlnet_keep`).
@@ -278,9 +318,12 @@ class ControlNetGenerator:
     @torch.no_grad()
     def generate(
         self, prompts: list[str], seeds: list[int], guidance_scale: float, maps: dict[str, list[Image.Image]],
-        init_images: list[Image.Image] | None = None,
+        init_images: list[Image.Image] | None = None, masks: list[Image.Image] | None = None,
     ) -> list[Image.Image]:
-        """One pipeline call for a batch (one guidance scale); returns RGB images at `generation.resolution`."""
+        """One pipeline call for a batch (one guidance scale); returns RGB images at `generation.resolution`.
+
+        `init_images`: the sources (img2img and inpaint modes); `masks`: what to regenerate (inpaint modes, white).
+        """
         section = self.section
         # CPU generators: the starting noise of a seed is the same on every device and in every batch.
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
@@ -291,6 +334,8 @@ class ControlNetGenerator:
         )
         if section.mode == "img2img":
             kwargs.update(image=init_images, strength=section.strength)
+        elif pipeline_kind(section.mode) == "inpaint":
+            kwargs.update(inpaint_arguments(init_images, masks, section.strength))
         with (
             cfg_rescale(self.pipe.unet, guidance_scale, section.guidance_rescale),
             # The img2img pipelines warn that several ControlNets share one map across the prompts; the batched maps

@@ -10,11 +10,11 @@ from __future__ import annotations
 import hashlib
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from neu_det_pipeline.captions.prompts import readable_class_name
-from neu_det_pipeline.config import GenerationConfig
+from neu_det_pipeline.config import GenerationConfig, PipelineConfig
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,10 @@ class WorkItem:
     """`none` or a `generation.layout_augmentations` entry."""
     prompt: str
     guidance_scale: float
+    generation_seed: int | None = None
+    """The `generation.seeds` entry it belongs to (None without a list)."""
+    scoring_prompt: str = ""
+    """The prompt with the Step 1 tokens read as class names: what `generation.select_by: clip` scores against."""
 
     @property
     def image_class(self) -> str:
@@ -40,6 +44,22 @@ def image_seed(run_seed: int, source_id: str, index: int) -> int:
     """A 63-bit seed from (run seed, source, index) alone: the same image whatever the batch or process."""
     digest = hashlib.sha256(f"{run_seed}:{source_id}:{index}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
+
+
+def candidate_seed(seed: int, candidate: int) -> int:
+    """Seed of candidate `candidate` of an image: the image's own seed for the first (so `candidates: 1` makes the
+    images it always made), then 63-bit seeds derived from (seed, candidate) alone."""
+    if candidate == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}:candidate:{candidate}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def scoring_prompt(prompt: str, tokens: dict[str, str] | None) -> str:
+    """`prompt` with each Step 1 token replaced by its readable class name (CLIP does not know the learned tokens)."""
+    for class_name, token in (tokens or {}).items():
+        prompt = prompt.replace(token, readable_class_name(class_name))
+    return prompt
 
 
 def _source_indices(section: GenerationConfig, sources: list[dict[str, Any]]) -> Iterator[tuple[int, dict[str, Any], int]]:
@@ -54,9 +74,11 @@ def _source_indices(section: GenerationConfig, sources: list[dict[str, Any]]) ->
 
 
 def build_plan(
-    section: GenerationConfig, rows: list[dict[str, Any]], prompts: dict[str, str], run_seed: int
+    section: GenerationConfig, rows: list[dict[str, Any]], prompts: dict[str, str], run_seed: int,
+    tokens: dict[str, str] | None = None,
 ) -> list[WorkItem]:
-    """Every image Step 4 makes from the training `rows`, sorted by name; `prompts` maps source id -> prompt."""
+    """Every image Step 4 makes from the training `rows`, sorted by name; `prompts` maps source id -> prompt, `tokens`
+    class -> Step 1 token (for the scoring prompts)."""
     by_class: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in sorted(rows, key=lambda row: row["id"]):
         by_class[row["class"]].append(row)
@@ -76,8 +98,32 @@ def build_plan(
                 augmentation=augmentation,
                 prompt=prompts[source["id"]],
                 guidance_scale=guidance,
+                scoring_prompt=scoring_prompt(prompts[source["id"]], tokens),
             ))
     return sorted(items, key=lambda item: item.name)
+
+
+def generation_seeds(config: PipelineConfig) -> list[int]:
+    """The seeds Step 4 generates with: `generation.seeds`, or `run.seed` alone."""
+    return config.generation.seeds or [config.run.seed]
+
+
+def build_seeded_plan(
+    section: GenerationConfig, rows: list[dict[str, Any]], prompts: dict[str, str], run_seed: int,
+    tokens: dict[str, str] | None = None,
+) -> list[WorkItem]:
+    """`build_plan` with `run_seed`, or (with `generation.seeds`) once per generation seed, names ending `-g<seed>`."""
+    if section.seeds is None:
+        return build_plan(section, rows, prompts, run_seed, tokens)
+    items = [replace(item, name=f"{item.name}-g{seed}", generation_seed=seed)
+             for seed in section.seeds for item in build_plan(section, rows, prompts, seed, tokens)]
+    return sorted(items, key=lambda item: item.name)
+
+
+def tag_generation_seeds(rows: list[dict[str, Any]], items: list[WorkItem]) -> list[dict[str, Any]]:
+    """Manifest rows with `generation_seed` when the plan has generation seeds (rows unchanged otherwise)."""
+    seeds = {item.name: item.generation_seed for item in items if item.generation_seed is not None}
+    return [{**row, "generation_seed": seeds[row["name"]]} if row["name"] in seeds else row for row in rows]
 
 
 def template_prompts(template: str, rows: list[dict[str, Any]], tokens: dict[str, str] | None) -> dict[str, str]:

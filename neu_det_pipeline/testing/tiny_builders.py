@@ -35,6 +35,7 @@ from diffusers import (
     ModelMixin,
     PNDMScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -55,6 +56,9 @@ from transformers import (
     DepthAnythingForDepthEstimation,
     DINOv3ViTConfig,
     DINOv3ViTModel,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
 )
 
 from neu_det_pipeline.captions.clip_tokens import write_clip_vocabulary
@@ -141,6 +145,15 @@ def _pipeline_files(tiny_model: str, real: str, text_encoders: tuple[str, ...]) 
 DERIVED_CONFIGS: list[DerivedConfig] = [
     *_pipeline_files("sd15", "sd15", ("text_encoder",)),
     *_pipeline_files("sdxl", "sdxl", ("text_encoder", "text_encoder_2")),
+    # The inpainting checkpoint: SD 1.5's VAE and text encoder, a UNet with 9 input channels (latents, mask, masked image).
+    DerivedConfig("sd15-inpaint", "unet/config.json", "sd15-inpaint/unet/config.json", "unet"),
+    DerivedConfig("sd15-inpaint", "vae/config.json", "sd15/vae/config.json", "vae"),
+    DerivedConfig("sd15-inpaint", "text_encoder/config.json", "sd15/text_encoder/config.json", "clip_text"),
+    # SDXL's inpainting checkpoint: the base model's VAE and text encoders, a UNet with 9 input channels.
+    DerivedConfig("sdxl-inpaint", "unet/config.json", "sdxl-inpaint/unet/config.json", "unet"),
+    DerivedConfig("sdxl-inpaint", "vae/config.json", "sdxl/vae/config.json", "vae"),
+    DerivedConfig("sdxl-inpaint", "text_encoder/config.json", "sdxl/text_encoder/config.json", "clip_text"),
+    DerivedConfig("sdxl-inpaint", "text_encoder_2/config.json", "sdxl/text_encoder_2/config.json", "clip_text"),
     DerivedConfig("controlnet-sd15-softedge", "config.json", "controlnet-sd15-softedge/config.json", "controlnet"),
     DerivedConfig("controlnet-sd15-depth", "config.json", "controlnet-sd15-depth/config.json", "controlnet"),
     DerivedConfig("controlnet-sd15-normal", "config.json", "controlnet-sd15-normal/config.json", "controlnet"),
@@ -254,7 +267,7 @@ def _write_clip_tokenizer(folder: Path, real_tokenizer: str) -> None:
             shutil.copyfile(REAL_CONFIGS_DIR / real_tokenizer / name, folder / name)
 
 
-def _clip_tokenizer(real_tokenizer: str) -> CLIPTokenizer:
+def clip_tokenizer(real_tokenizer: str) -> CLIPTokenizer:
     with tempfile.TemporaryDirectory() as folder:
         _write_clip_tokenizer(Path(folder), real_tokenizer)
         return CLIPTokenizer.from_pretrained(folder)
@@ -272,17 +285,22 @@ def _vae(real: str, seed: int) -> AutoencoderKL:
 
 def _unet(real: str, overrides: dict[str, Any], seed: int) -> UNet2DConditionModel:
     config = derived_config(real, {**overrides, "sample_size": UNET_SAMPLE_SIZE})
+    # The inpainting config was saved by diffusers 0.6: with that stamp and the shrunk sample size diffusers warns
+    # that the checkpoint predates 0.9 (the real one, at 64, does not). The stamp is metadata, not a size.
+    config.pop("_diffusers_version", None)
     return _seeded(lambda: UNet2DConditionModel.from_config(config), seed)
 
 
 _sd15_unet = partial(_unet, "sd15/unet/config.json", SD15_UNET)
+_sd15_inpaint_unet = partial(_unet, "sd15-inpaint/unet/config.json", SD15_UNET)
 _sdxl_unet = partial(_unet, "sdxl/unet/config.json", SDXL_UNET)
+_sdxl_inpaint_unet = partial(_unet, "sdxl-inpaint/unet/config.json", SDXL_UNET)
 
 
 # ------------------------------------------------------------------------------------------- builders
 
 
-def _save_pipeline(pipeline: Any, folder: Path, tokenizers: dict[str, str]) -> None:
+def save_pipeline(pipeline: Any, folder: Path, tokenizers: dict[str, str]) -> None:
     """`save_pretrained`, then the tokenizer folders as on the hub (vocab.json, merges.txt and the real
     tokenizer_config.json rather than transformers' tokenizer.json), so loading converts them as it does there."""
     pipeline.save_pretrained(folder)
@@ -291,11 +309,11 @@ def _save_pipeline(pipeline: Any, folder: Path, tokenizers: dict[str, str]) -> N
         _write_clip_tokenizer(folder / name, real)
 
 
-def _save_sd15(folder: Path, seed: int) -> None:
-    tokenizer = _clip_tokenizer("sd15/tokenizer")
+def _save_sd15(folder: Path, seed: int, unet: Callable[[int], UNet2DConditionModel] = _sd15_unet) -> None:
+    tokenizer = clip_tokenizer("sd15/tokenizer")
     text_config = _clip_text_config("sd15/text_encoder/config.json")
     pipeline = StableDiffusionPipeline(
-        unet=_sd15_unet(seed),
+        unet=unet(seed),
         vae=_vae("sd15/vae/config.json", seed),
         text_encoder=_seeded(lambda: CLIPTextModel(text_config), seed),
         tokenizer=tokenizer,
@@ -304,16 +322,17 @@ def _save_sd15(folder: Path, seed: int) -> None:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    _save_pipeline(pipeline, folder, {"tokenizer": "sd15/tokenizer"})
+    save_pipeline(pipeline, folder, {"tokenizer": "sd15/tokenizer"})
 
 
-def _save_sdxl(folder: Path, seed: int) -> None:
-    tokenizer = _clip_tokenizer("sdxl/tokenizer")
-    tokenizer_2 = _clip_tokenizer("sdxl/tokenizer_2")  # pads with "!", as on the hub
+def _save_sdxl(folder: Path, seed: int, unet: Callable[[int], UNet2DConditionModel] = _sdxl_unet,
+               pipeline_class: type = StableDiffusionXLPipeline) -> None:
+    tokenizer = clip_tokenizer("sdxl/tokenizer")
+    tokenizer_2 = clip_tokenizer("sdxl/tokenizer_2")  # pads with "!", as on the hub
     text_config = _clip_text_config("sdxl/text_encoder/config.json")
     text_config_2 = _clip_text_config("sdxl/text_encoder_2/config.json")
-    pipeline = StableDiffusionXLPipeline(
-        unet=_sdxl_unet(seed),
+    pipeline = pipeline_class(
+        unet=unet(seed),
         vae=_vae("sdxl/vae/config.json", seed),
         text_encoder=_seeded(lambda: CLIPTextModel(text_config), seed),
         text_encoder_2=_seeded(lambda: CLIPTextModelWithProjection(text_config_2), seed),
@@ -321,7 +340,7 @@ def _save_sdxl(folder: Path, seed: int) -> None:
         tokenizer_2=tokenizer_2,
         scheduler=EulerDiscreteScheduler.from_config(real_config("sdxl/scheduler/scheduler_config.json")),
     )
-    _save_pipeline(pipeline, folder, {"tokenizer": "sdxl/tokenizer", "tokenizer_2": "sdxl/tokenizer_2"})
+    save_pipeline(pipeline, folder, {"tokenizer": "sdxl/tokenizer", "tokenizer_2": "sdxl/tokenizer_2"})
 
 
 def _copy_unet_weights(controlnet: ModelMixin, unet: UNet2DConditionModel) -> None:
@@ -465,21 +484,25 @@ def _save_depth(folder: Path, seed: int) -> None:
 
 _sd15_controlnet = partial(_save_controlnet, unet_overrides=SD15_UNET, base_unet=_sd15_unet)
 _sdxl_controlnet = partial(_save_controlnet, unet_overrides=SDXL_UNET, base_unet=_sdxl_unet)
-_REAL_FILE = {config.tiny_model: config.real for config in DERIVED_CONFIGS if config.file == "config.json"}
+REAL_CONFIG_FILE = {config.tiny_model: config.real for config in DERIVED_CONFIGS if config.file == "config.json"}
 
 BUILDERS: dict[str, Callable[[Path, int], None]] = {
     "sd15": _save_sd15,
+    # stable-diffusion-v1-5/stable-diffusion-inpainting: the same folder layout with the 9-channel UNet.
+    "sd15-inpaint": partial(_save_sd15, unet=_sd15_inpaint_unet),
     "sdxl": _save_sdxl,
+    # diffusers/stable-diffusion-xl-1.0-inpainting-0.1: SDXL's layout with the 9-channel UNet, saved by its pipeline class.
+    "sdxl-inpaint": partial(_save_sdxl, unet=_sdxl_inpaint_unet, pipeline_class=StableDiffusionXLInpaintPipeline),
     **{
-        f"controlnet-sd15-{control}": partial(_sd15_controlnet, real=_REAL_FILE[f"controlnet-sd15-{control}"], control=control)
+        f"controlnet-sd15-{control}": partial(_sd15_controlnet, real=REAL_CONFIG_FILE[f"controlnet-sd15-{control}"], control=control)
         for control in ("softedge", "depth", "normal")
     },
     **{
-        f"controlnet-sdxl-{control}": partial(_sdxl_controlnet, real=_REAL_FILE[f"controlnet-sdxl-{control}"], control=control)
+        f"controlnet-sdxl-{control}": partial(_sdxl_controlnet, real=REAL_CONFIG_FILE[f"controlnet-sdxl-{control}"], control=control)
         for control in ("softedge", "depth")
     },
     "controlnet-sdxl-union": partial(
-        _sdxl_controlnet, real=_REAL_FILE["controlnet-sdxl-union"], control="union", model_class=ControlNetUnionModel,
+        _sdxl_controlnet, real=REAL_CONFIG_FILE["controlnet-sdxl-union"], control="union", model_class=ControlNetUnionModel,
         extra_overrides={"num_trans_channel": SDXL_UNET["block_out_channels"][0], "num_proj_channel": SDXL_UNET["block_out_channels"][0]},
     ),
     "annotators": _save_annotators,
@@ -490,3 +513,124 @@ BUILDERS: dict[str, Callable[[Path, int], None]] = {
     "dinov3-timm": _save_dinov3_timm,
     "depth": _save_depth,
 }
+
+
+# -------------------------------------------------------------------------- LLaVA (captions.prompt_style: llava)
+
+SIZE_FIELDS["llava"] = (
+    _nested("vision_config", _VIT)
+    # The Llama vocabulary is the byte-level stand-in (no Llama tokenizer offline), so the ids that name tokens in it
+    # (`<image>`, `<pad>`) move with it.
+    | _nested("text_config", _TRANSFORMER | {"num_key_value_heads", "head_dim", "vocab_size"})
+    | {"image_token_index", "pad_token_id", "vocab_size"}
+)
+LLAVA_IMAGE_SIZE = 56  # 4 x 4 patches of 14 px (LLaVA-1.5: 24 x 24 at 336 px)
+DERIVED_CONFIGS += [
+    DerivedConfig("llava", "config.json", "llava/config.json", "llava"),
+    DerivedConfig("llava", "preprocessor_config.json", "llava/preprocessor_config.json", "image_processor"),
+]
+
+
+def _save_llava(folder: Path, seed: int) -> None:
+    """`llava-hf/llava-1.5-7b-hf`: CLIP ViT-L/14 vision tower read at its second-to-last layer without the CLS token
+    (`vision_feature_layer: -2`, `default` strategy), a 2-layer GELU projector and a Llama language model, with
+    the processor's real settings (patch size, one extra CLS position, chat template) at 56 px."""
+    _save_image_processor(folder, "llava/preprocessor_config.json", LLAVA_IMAGE_SIZE)
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS_DIR / GPT2_TOKENIZER)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})  # as llava-hf added it to Llama's
+    processor = LlavaProcessor(
+        image_processor=AutoImageProcessor.from_pretrained(folder),
+        tokenizer=tokenizer,
+        chat_template=real_config("llava/chat_template.json")["chat_template"],
+        **{key: value for key, value in real_config("llava/processor_config.json").items() if key != "processor_class"},
+    )
+    # The hub file says float16 (as for SDXL's text encoders, transformers would build the language model in it).
+    text = {**TINY_VIT, "num_key_value_heads": TINY_VIT["num_attention_heads"], "vocab_size": len(tokenizer), "torch_dtype": "float32"}
+    config = derived_config("llava/config.json", {
+        "torch_dtype": "float32",
+        "vision_config": {**TINY_VIT, "image_size": LLAVA_IMAGE_SIZE},
+        "text_config": text,
+        "image_token_index": tokenizer.convert_tokens_to_ids("<image>"),
+        "pad_token_id": tokenizer.pad_token_id,
+        "vocab_size": len(tokenizer),
+    })  # fmt: skip
+    _seeded(lambda: LlavaForConditionalGeneration(LlavaConfig.from_dict(config)), seed).save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+BUILDERS["llava"] = _save_llava
+
+
+# ------------------------------------------------------------- SD3 Medium (models.pipeline: sd3, experimental)
+
+SIZE_FIELDS["sd3_transformer"] = frozenset({
+    "num_layers", "attention_head_dim", "num_attention_heads", "sample_size",
+    # The text widths follow the tiny encoders: T5's hidden states (joint attention) and both CLIP projections (pooled).
+    "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim",
+})  # fmt: skip
+# The T5 vocabulary is the byte-level stand-in (no T5 sentencepiece model offline).
+SIZE_FIELDS["t5"] = frozenset({"d_model", "d_ff", "d_kv", "num_heads", "num_layers", "num_decoder_layers", "vocab_size"})
+T5_WIDTH = 2 * TEXT_WIDTH  # SD3 pads the concatenated CLIP-L + CLIP-G states to T5's width: it must hold both
+SD3_TRANSFORMER = {
+    "num_layers": 2, "attention_head_dim": 8, "num_attention_heads": 4, "caption_projection_dim": 32,
+    "joint_attention_dim": T5_WIDTH, "pooled_projection_dim": 2 * TEXT_WIDTH, "sample_size": UNET_SAMPLE_SIZE,
+}  # fmt: skip
+SD3_T5 = {"d_model": T5_WIDTH, "d_ff": 128, "d_kv": 16, "num_heads": 4, "num_layers": 2, "num_decoder_layers": 2, "torch_dtype": "float32"}
+SD3_CONTROLNET_LAYERS = 1
+DERIVED_CONFIGS += [
+    DerivedConfig("sd3", "transformer/config.json", "sd3/transformer/config.json", "sd3_transformer"),
+    DerivedConfig("sd3", "vae/config.json", "sd3/vae/config.json", "vae"),
+    DerivedConfig("sd3", "text_encoder/config.json", "sd3/text_encoder/config.json", "clip_text"),
+    DerivedConfig("sd3", "text_encoder_2/config.json", "sd3/text_encoder_2/config.json", "clip_text"),
+    DerivedConfig("sd3", "text_encoder_3/config.json", "sd3/text_encoder_3/config.json", "t5"),
+]
+
+
+def _sd3_transformer(seed: int) -> Any:
+    from diffusers import SD3Transformer2DModel
+
+    return _seeded(lambda: SD3Transformer2DModel.from_config(derived_config("sd3/transformer/config.json", SD3_TRANSFORMER)), seed)
+
+
+def _save_sd3(folder: Path, seed: int) -> None:
+    """`stabilityai/stable-diffusion-3-medium-diffusers`: MMDiT transformer, 16-channel VAE without quant convs,
+    CLIP-L and CLIP-G with projections, T5 encoder, flow-matching Euler scheduler (shift 3)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer_3 = AutoTokenizer.from_pretrained(ASSETS_DIR / GPT2_TOKENIZER)
+    t5_config = T5Config.from_dict(derived_config("sd3/text_encoder_3/config.json", {**SD3_T5, "vocab_size": len(tokenizer_3)}))
+    text_configs = [_clip_text_config(f"sd3/{name}/config.json") for name in ("text_encoder", "text_encoder_2")]
+    pipeline = StableDiffusion3Pipeline(
+        transformer=_sd3_transformer(seed),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(real_config("sd3/scheduler/scheduler_config.json")),
+        vae=_vae("sd3/vae/config.json", seed),
+        text_encoder=_seeded(lambda: CLIPTextModelWithProjection(text_configs[0]), seed),
+        tokenizer=clip_tokenizer("sdxl/tokenizer"),
+        text_encoder_2=_seeded(lambda: CLIPTextModelWithProjection(text_configs[1]), seed),
+        tokenizer_2=clip_tokenizer("sdxl/tokenizer_2"),
+        text_encoder_3=_seeded(lambda: T5EncoderModel(t5_config), seed),
+        tokenizer_3=tokenizer_3,
+    )
+    save_pipeline(pipeline, folder, {"tokenizer": "sdxl/tokenizer", "tokenizer_2": "sdxl/tokenizer_2"})
+    # T5EncoderModel writes is_encoder_decoder / use_cache false (it sets them itself when it loads); keep the hub's.
+    t5_file = folder / "text_encoder_3" / "config.json"
+    real_t5 = real_config("sd3/text_encoder_3/config.json")
+    saved = json.loads(t5_file.read_text(encoding="utf-8"))
+    _write_json(t5_file, {**saved, **{key: real_t5[key] for key in ("is_encoder_decoder", "use_cache")}})
+
+
+def _save_sd3_controlnet(folder: Path, seed: int, control: str) -> None:
+    """An SD3 ControlNet as diffusers makes one from its transformer (`SD3ControlNetModel.from_transformer`: the
+    transformer's embeddings and first blocks), with random output layers per control type."""
+    from diffusers import SD3ControlNetModel
+
+    controlnet = SD3ControlNetModel.from_transformer(
+        _sd3_transformer(seed), num_layers=SD3_CONTROLNET_LAYERS, num_extra_conditioning_channels=0
+    )
+    _randomise_zero_outputs([*controlnet.controlnet_blocks, controlnet.pos_embed_input.proj], seed + zlib.crc32(control.encode()))
+    controlnet.save_pretrained(folder)
+
+
+BUILDERS["sd3"] = _save_sd3
+BUILDERS.update({f"controlnet-sd3-{control}": partial(_save_sd3_controlnet, control=control) for control in ("canny", "depth")})

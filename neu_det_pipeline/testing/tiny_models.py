@@ -5,7 +5,11 @@ pipeline loads a folder from here through exactly the code it uses for a hub id:
 
     sd15                   StableDiffusionPipeline folder (SD 1.5 layout), also for
                            StableDiffusionControlNetPipeline.from_pretrained(folder, controlnet=[...])
+    sd15-inpaint           the same with a 9-channel UNet (stable-diffusion-v1-5/stable-diffusion-inpainting), for
+                           the ControlNet inpainting pipeline's dedicated-checkpoint path (`models.sd15_inpaint`)
     sdxl                   StableDiffusionXLPipeline folder (two text encoders), also for the ControlNet variant
+    sdxl-inpaint           the same with a 9-channel UNet (diffusers/stable-diffusion-xl-1.0-inpainting-0.1), for
+                           `models.sdxl_inpaint`
     controlnet-sd15-*      ControlNetModel matching sd15: softedge, depth, normal
     controlnet-sdxl-*      ControlNetModel matching sdxl: softedge, depth (the diffusers SDXL ControlNet
                            architecture); ControlNetUnionModel: union (xinsir's, 6 control types)
@@ -21,6 +25,11 @@ pipeline loads a folder from here through exactly the code it uses for a hub id:
                            "timm/vit_small_patch16_dinov3.lvd1689m", the default models.dinov3
     depth                  AutoModelForDepthEstimation (Depth Anything) + AutoImageProcessor,
                            also pipeline("depth-estimation", model=folder)
+    sd3                    StableDiffusion3Pipeline folder (SD3 Medium layout: MMDiT transformer, CLIP-L + CLIP-G + T5,
+                           16-channel VAE), also for StableDiffusion3ControlNetPipeline
+    controlnet-sd3-*       SD3ControlNetModel matching sd3 (SD3ControlNetModel.from_transformer): canny, depth
+    llava                  LlavaForConditionalGeneration (Llama language model) + LlavaProcessor with the real chat
+                           template, standing in for "llava-hf/llava-1.5-7b-hf"
 
 Each model is its real checkpoint's configuration (``neu_det_pipeline/testing/real_configs``, sources in
 its SOURCES.md) with only size fields changed (``tiny_builders.SIZE_FIELDS``, checked by
@@ -45,7 +54,9 @@ logger = logging.getLogger(__name__)
 
 TINY_MODEL_NAMES: tuple[str, ...] = (
     "sd15",
+    "sd15-inpaint",
     "sdxl",
+    "sdxl-inpaint",
     "controlnet-sd15-softedge",
     "controlnet-sd15-depth",
     "controlnet-sd15-normal",
@@ -59,6 +70,10 @@ TINY_MODEL_NAMES: tuple[str, ...] = (
     "dinov3",
     "dinov3-timm",
     "depth",
+    "llava",
+    "sd3",
+    "controlnet-sd3-canny",
+    "controlnet-sd3-depth",
 )
 
 

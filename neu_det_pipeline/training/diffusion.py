@@ -32,6 +32,7 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from neu_det_pipeline.config import PipelineConfig
+from neu_det_pipeline.errors import ConfigError
 from neu_det_pipeline.models import load_model, weights_variant
 
 
@@ -86,6 +87,11 @@ class DiffusionComponents:
 def base_model(config: PipelineConfig) -> tuple[str, str]:
     """(config key, model id) of the diffusion base model chosen by `models.pipeline`."""
     family = config.models.pipeline
+    if family == "sd3":  # the SD3 generator reads models.sd3 itself; Steps 1 and 3 train UNet models only
+        raise ConfigError(
+            "models.pipeline=sd3 is for Step 4 only: Steps 1 (textual inversion) and 3 (LoRA) train SD 1.5 / SDXL; "
+            "`neu-det run-all` skips them for this config (with generation.prompt_source=template)"
+        )
     return f"models.{family}", getattr(config.models, family)
 
 
@@ -161,6 +167,62 @@ def encode_prompts(
     return torch.cat(hidden_states, dim=-1), added
 
 
+def box_loss_weights(
+    box_areas: torch.Tensor, latent_size: tuple[int, int], weighting: str, foreground_weight: float = 1.0,
+    foreground_area_exponent: float = 0.0,
+) -> torch.Tensor:
+    """Per-latent-pixel loss weights (B, 1, h, w), mean 1 per image, from pixel box-area maps (B, 1, H, W).
+
+    `box_areas` holds, at each pixel of a box, the area of the smallest box covering it (fraction of the
+    image) and 0 elsewhere (:func:`~neu_det_pipeline.training.data.box_area_map`). Pixel weights:
+
+    - `box`: 1 inside the boxes, 0 outside (the loss is the mean over box pixels only);
+    - `box_weighted`: `foreground_weight * area ** -p` inside (p: `foreground_area_exponent`), 1 outside. With
+      p = 0 this is GeoDiffusion's constant foreground re-weighting (w inside, 1 outside); with p > 0 its area
+      re-weighting (m = w / c^p inside, 1 / (HW)^p outside, c the box area in latent pixels, normalised to
+      mean 1) written with areas as fractions of the image: the common factor (HW)^-p cancels.
+
+    The pixel weights are averaged over each latent pixel's footprint (a latent pixel half covered by a box
+    gets the mean of its pixels' weights), then divided by their per-image mean, so the loss keeps the scale of
+    the uniform one. An image without boxes gets uniform weights (nothing to focus on).
+    """
+    inside = box_areas > 0
+    if weighting == "box":
+        pixel_weights = inside.float()
+    elif weighting == "box_weighted":
+        foreground = foreground_weight * box_areas.clamp(min=torch.finfo(box_areas.dtype).tiny) ** -foreground_area_exponent
+        pixel_weights = torch.where(inside, foreground, torch.ones_like(box_areas))
+    else:
+        raise ValueError(f"unknown loss weighting {weighting!r}")
+    weights = F.adaptive_avg_pool2d(pixel_weights.float(), latent_size)
+    mean = weights.mean(dim=(2, 3), keepdim=True)
+    return torch.where(mean > 0, weights / mean.clamp(min=1e-12), torch.ones_like(weights))
+
+
+def weighted_mse(
+    prediction: torch.Tensor, target: torch.Tensor, pixel_weights: torch.Tensor | None,
+    image_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """mean_b( image_weights[b] * mean_{c,h,w}( pixel_weights[b, :, h, w] * (prediction - target)^2 ) ).
+
+    `pixel_weights` (B, 1, h, w) or None (all 1), `image_weights` (B,) or None (all 1): Min-SNR weights multiply
+    the spatially weighted per-image losses, so both weightings compose.
+    """
+    squared_error = (prediction.float() - target.float()) ** 2
+    if pixel_weights is not None:
+        squared_error = squared_error * pixel_weights
+    per_image = squared_error.mean(dim=(1, 2, 3))
+    if image_weights is not None:
+        per_image = per_image * image_weights
+    return per_image.mean()
+
+
+def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma weights (Hang et al. 2023), as in the diffusers training examples."""
+    snr = compute_snr(scheduler, timesteps)
+    return torch.clamp(snr, max=gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
+
+
 def denoising_loss(
     components: DiffusionComponents,
     pixel_values: torch.Tensor,
@@ -168,8 +230,14 @@ def denoising_loss(
     added_cond_kwargs: dict[str, torch.Tensor] | None,
     noise_offset: float = 0.0,
     snr_gamma: float | None = None,
+    box_areas: torch.Tensor | None = None,
+    loss_weighting: str = "uniform",
+    foreground_weight: float = 1.0,
+    foreground_area_exponent: float = 0.0,
 ) -> torch.Tensor:
-    """The standard latent-diffusion training loss (epsilon or v target), with optional noise offset and Min-SNR."""
+    """The standard latent-diffusion training loss (epsilon or v target), with optional noise offset, Min-SNR
+    and, with `loss_weighting` `box` / `box_weighted`, per-latent-pixel weights from `box_areas`
+    (:func:`box_loss_weights`)."""
     vae, scheduler = components.vae, components.noise_scheduler
     with torch.no_grad(), outside_autocast(pixel_values.device):
         latents = vae.encode(pixel_values.to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
@@ -187,13 +255,17 @@ def denoising_loss(
     prediction = components.unet(
         noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs
     ).sample.float()
-    if snr_gamma is None:
-        return F.mse_loss(prediction, target.float())
-    # Min-SNR weighting (Hang et al. 2023), as in the diffusers training examples.
-    snr = compute_snr(scheduler, timesteps)
-    weights = torch.clamp(snr, max=snr_gamma) / (snr + 1 if components.prediction_type == "v_prediction" else snr)
-    loss = F.mse_loss(prediction, target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (loss * weights).mean()
+    pixel_weights = None
+    if loss_weighting != "uniform":
+        if box_areas is None:
+            raise ValueError(f"loss weighting {loss_weighting!r} needs the batch's box-area maps")
+        pixel_weights = box_loss_weights(
+            box_areas.to(latents.device), tuple(latents.shape[-2:]), loss_weighting, foreground_weight, foreground_area_exponent
+        )
+    snr_weights = None
+    if snr_gamma is not None:
+        snr_weights = min_snr_weights(scheduler, timesteps, snr_gamma, components.prediction_type)
+    return weighted_mse(prediction, target, pixel_weights, snr_weights)
 
 
 def outside_autocast(device: torch.device) -> torch.autocast:

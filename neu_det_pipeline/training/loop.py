@@ -179,6 +179,9 @@ class TrainingSettings:
     resume: str | None
     noise_offset: float = 0.0
     snr_gamma: float | None = None
+    loss_weighting: str = "uniform"
+    foreground_weight: float = 1.0
+    foreground_area_exponent: float = 0.0
     max_grad_norm: float = 1.0
     num_workers: int = 0
 
@@ -207,10 +210,12 @@ class _LossModule(torch.nn.Module):
         super().__init__()
         self.trained, self.components, self.settings = trained, components, settings
 
-    def forward(self, pixel_values: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        hidden, added = encode_prompts(self.components, prompts, self.settings.resolution, pixel_values.device)
+    def forward(self, pixel_values: torch.Tensor, prompts: list[str], box_areas: torch.Tensor | None = None) -> torch.Tensor:
+        settings = self.settings
+        hidden, added = encode_prompts(self.components, prompts, settings.resolution, pixel_values.device)
         return denoising_loss(
-            self.components, pixel_values, hidden, added, self.settings.noise_offset, self.settings.snr_gamma
+            self.components, pixel_values, hidden, added, settings.noise_offset, settings.snr_gamma,
+            box_areas, settings.loss_weighting, settings.foreground_weight, settings.foreground_area_exponent,
         )
 
 
@@ -256,7 +261,10 @@ def train(
             torch.manual_seed(hash((seed, step, micro, accelerator.process_index)) % 2**63)
             last_micro = micro == settings.gradient_accumulation_steps - 1
             with accelerator.no_sync(model) if not last_micro else contextlib.nullcontext():
-                loss = model(batch["pixel_values"].to(accelerator.device), batch["prompts"])
+                box_areas = batch.get("box_areas")
+                if box_areas is not None:
+                    box_areas = box_areas.to(accelerator.device)
+                loss = model(batch["pixel_values"].to(accelerator.device), batch["prompts"], box_areas)
                 accelerator.backward(loss / settings.gradient_accumulation_steps)
             step_loss += loss.detach() / settings.gradient_accumulation_steps
         accelerator.clip_grad_norm_(task.parameters, settings.max_grad_norm)

@@ -330,7 +330,7 @@ class LoraTraining:
         self.settings = TrainingSettings.from_section(section)
         dataset = DefectImageDataset(
             step0_dir, rows, section.resolution, lambda row, rng: prompts[row["id"]], seed=config.run.seed,
-            hflip=section.hflip, vflip=section.vflip, rot90=section.rot90,
+            hflip=section.hflip, vflip=section.vflip, rot90=section.rot90, box_areas=section.loss_weighting != "uniform",
         )
         self.dataloader = make_dataloader(dataset, self.settings, self.accelerator.num_processes, config.run.seed)
         self.optimizer = make_optimizer(section, list(self.parameters.values()))

@@ -214,7 +214,7 @@ class TextualInversion:
         self.settings = TrainingSettings.from_section(section)
         dataset = DefectImageDataset(
             step0_dir, train_rows(step0_dir), section.resolution, template_prompts(section.templates, self.tokens),
-            seed=config.run.seed,
+            seed=config.run.seed, box_areas=section.loss_weighting != "uniform",
         )
         self.dataloader = make_dataloader(dataset, self.settings, self.accelerator.num_processes, config.run.seed)
         self.optimizer = torch.optim.AdamW(
