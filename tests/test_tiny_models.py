@@ -103,7 +103,7 @@ def test_second_build_is_a_noop(tiny_models_dir: Path) -> None:
     stamps = {f: f.stat().st_mtime_ns for f in tiny_models_dir.rglob("*")}
     started = time.perf_counter()
     folders = build_tiny_models(tiny_models_dir)
-    assert time.perf_counter() - started < 0.5
+    assert time.perf_counter() - started < 2.0  # a listing of files, not a model load (seconds even for tiny ones)
     assert folders == {name: tiny_models_dir / name for name in TINY_MODEL_NAMES}
     assert {f: f.stat().st_mtime_ns for f in tiny_models_dir.rglob("*")} == stamps
 
