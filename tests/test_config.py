@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -173,6 +174,17 @@ def test_templates_and_model_sources_are_checked_when_the_config_loads(override:
     with pytest.raises(ConfigError, match=expected) as info:
         load_config(SMOKE_CONFIG, [override])
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("data.classes=[]", "data.classes"), ("generation.controls=[depth,depth]", "generation.controls"),
+     ("generation.seeds=[3,3]", "generation.seeds"), ("evaluation.utility.seeds=[]", "evaluation.utility.seeds"),
+     ("evaluation.features=[clip,clip]", "evaluation.features")],
+)
+def test_lists_that_count_each_entry_once_refuse_repeats_and_emptiness(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}=\[.*\] must be a non-empty list of distinct "):
+        load_config(SMOKE_CONFIG, [override])
 
 
 def test_errors_name_the_layer_that_set_the_bad_value(tmp_path: Path) -> None:

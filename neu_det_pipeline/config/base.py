@@ -1,4 +1,4 @@
-"""What every config section shares: the base model, the class names, template checks."""
+"""What every config section shares: the base model, the class names, template and list checks."""
 
 from __future__ import annotations
 
@@ -20,6 +20,13 @@ def check_template(key: str, template: str, slot: str) -> str:
     if sentinel not in filled:
         raise ValueError(f"{key}={template!r} must contain {{{slot}}}")
     return template
+
+
+def check_distinct(key: str, values: list, what: str) -> list:
+    """`values` must be a non-empty list without repeats (a repeated seed, class or control would count twice)."""
+    if not values or len(set(values)) != len(values):
+        raise ValueError(f"{key}={values} must be a non-empty list of distinct {what}")
+    return values
 
 
 class Section(BaseModel):

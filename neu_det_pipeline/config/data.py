@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from neu_det_pipeline.config.base import NEU_DET_CLASSES, Section
+from neu_det_pipeline.config.base import NEU_DET_CLASSES, Section, check_distinct
 
 
 class SplitConfig(Section):
@@ -44,9 +44,7 @@ class DataConfig(Section):
     @field_validator("classes")
     @classmethod
     def _unique_classes(cls, classes: list[str]) -> list[str]:
-        if not classes or len(set(classes)) != len(classes):
-            raise ValueError("data.classes must be a non-empty list of unique names")
-        return classes
+        return check_distinct("data.classes", classes, "names")
 
 
 class PrepareConfig(Section):

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from neu_det_pipeline.config.base import Section
+from neu_det_pipeline.config.base import Section, check_distinct
 
 
 class CurationConfig(Section):
@@ -95,9 +95,7 @@ class UtilityConfig(Section):
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, seeds: list[int]) -> list[int]:
-        if not seeds or len(set(seeds)) != len(seeds):
-            raise ValueError(f"evaluation.utility.seeds={seeds} must be a non-empty list of distinct seeds")
-        return seeds
+        return check_distinct("evaluation.utility.seeds", seeds, "seeds")
 
 
 class EvaluationConfig(Section):
@@ -146,9 +144,7 @@ class EvaluationConfig(Section):
     @field_validator("features")
     @classmethod
     def _distinct_features(cls, features: list[str]) -> list[str]:
-        if not features or len(set(features)) != len(features):
-            raise ValueError(f"evaluation.features={features} must be a non-empty list without repeats")
-        return features
+        return check_distinct("evaluation.features", features, "feature spaces")
 
     @field_validator("lbp_radii")
     @classmethod

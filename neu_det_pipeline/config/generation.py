@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from neu_det_pipeline.config.base import Section, check_template
+from neu_det_pipeline.config.base import Section, check_distinct, check_template
 
 ControlType = Literal["softedge", "depth", "normal", "canny"]
 DetectorName = Literal["hed", "pidinet", "midas", "depth_anything", "normalbae", "canny"]
@@ -146,14 +146,11 @@ class GenerationConfig(Section):
     @field_validator("seeds")
     @classmethod
     def _distinct_seeds(cls, seeds: list[int] | None) -> list[int] | None:
-        if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
-            raise ValueError(f"generation.seeds={seeds} must be null or a non-empty list of distinct seeds")
-        return seeds
+        return seeds if seeds is None else check_distinct("generation.seeds", seeds, "seeds")
 
     @model_validator(mode="after")
     def _consistent(self) -> GenerationConfig:
-        if not self.controls or len(set(self.controls)) != len(self.controls):
-            raise ValueError(f"generation.controls={self.controls} must be a non-empty list without repeats")
+        check_distinct("generation.controls", self.controls, "controls")
         for control in self.controls:
             detector = self.detectors.get(control)
             if detector is None:
