@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import re
 import shutil
 import urllib.error
 import urllib.request
@@ -23,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from neu_det_pipeline.config import PipelineConfig
-from neu_det_pipeline.models import HALF_PRECISION_VARIANT
+from neu_det_pipeline.models import HALF_PRECISION_VARIANT, WEIGHT_FILE
 
 TIMEOUT_S = 10
 
@@ -48,9 +47,6 @@ EXTERNAL_WEIGHTS = {
 
 PIPELINE_COMPONENTS_NOT_LOADED = {"safety_checker"}
 """model_index.json components the project passes as None, so diffusers never fetches them."""
-WEIGHT_FILE = re.compile(r"(?:diffusion_pytorch_model|model|pytorch_model)(?:\.(?P<variant>\w+))?(?:-\d{5}-of-\d{5})?\.(?P<format>safetensors|bin)")
-"""The weight file names diffusers and transformers load, whole or sharded, plain or of a variant (`.fp16`,
-`.non_ema`); other files (`v1-5-pruned.safetensors`, `..._promax.safetensors`) are not fetched."""
 SMALL_FILE_SUFFIXES = (".json", ".txt", ".model")
 """Configs, tokenizer vocabularies and merges: fetched with the weights of their folder."""
 

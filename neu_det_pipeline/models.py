@@ -24,9 +24,13 @@ T = TypeVar("T")
 LOCAL_DIR_PREFIX = "local-dir:"
 MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HALF_PRECISION_VARIANT = "fp16"
-# diffusers' and transformers' variant names, sharded too (`model.fp16-00001-of-00002.safetensors`, legacy
-# `model-00001-of-00002.fp16.safetensors`); safetensors only, so a variant never makes a loader unpickle.
-_VARIANT_WEIGHTS = re.compile(r"[^/]*\.fp16(-\d+-of-\d+)?\.safetensors")
+WEIGHT_FILE = re.compile(
+    r"(?:diffusion_pytorch_model|model|pytorch_model)(?:-\d{5}-of-\d{5})?(?:\.(?P<variant>\w+))?(?:-\d{5}-of-\d{5})?"
+    r"\.(?P<format>safetensors|bin)"
+)
+"""The weight file names diffusers and transformers load, whole or sharded, plain or of a variant (`.fp16`,
+`.non_ema`; sharded `model.fp16-00001-of-00002.safetensors`, legacy `model-00001-of-00002.fp16.safetensors`);
+other files (`v1-5-pruned.safetensors`, `..._promax.safetensors`) are not loaded by `from_pretrained`."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -125,7 +129,9 @@ def weights_variant(model_id: str, dtype: torch.dtype, subfolder: str | None = N
         return None
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     for name in _model_files(model_id):
-        if name.startswith(prefix) and _VARIANT_WEIGHTS.fullmatch(name.rsplit("/", 1)[-1]):
+        match = WEIGHT_FILE.fullmatch(name.rsplit("/", 1)[-1])
+        # safetensors only, so choosing a variant never makes a loader unpickle
+        if name.startswith(prefix) and match and match["variant"] == HALF_PRECISION_VARIANT and match["format"] == "safetensors":
             return HALF_PRECISION_VARIANT
     return None
 

@@ -132,3 +132,20 @@ def test_hub_ids_are_listed_on_the_hub_or_else_in_the_cache(monkeypatch, tmp_pat
 
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", unreachable)
     assert weights_variant("org/tiny", torch.float16, "unet") == "fp16"  # listing failed: the cache decides
+
+
+@pytest.mark.parametrize(
+    "name, has_variant",
+    [
+        ("text_encoder/model.fp16.safetensors", True),
+        ("unet/diffusion_pytorch_model.fp16-00001-of-00002.safetensors", True),  # sharded
+        ("text_encoder_2/model-00001-of-00002.fp16.safetensors", True),  # the older sharded spelling
+        ("unet/diffusion_pytorch_model.fp16.bin", False),  # a variant is never a pickle to unpickle
+        ("unet/diffusion_pytorch_model.non_ema.safetensors", False),  # another variant
+        ("v1-5-pruned-emaonly.fp16.safetensors", False),  # a single-file checkpoint from_pretrained does not read
+    ],
+)
+def test_variant_file_names_are_the_ones_the_loaders_read(tmp_path: Path, name: str, has_variant: bool) -> None:
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_bytes(b"")
+    assert weights_variant(str(tmp_path), torch.bfloat16) == ("fp16" if has_variant else None)
