@@ -9,7 +9,8 @@ to the source, an LBP texture class matrix and the CLIP score of each prompt. Cu
 memorised and (with a good enough real-data detector) off-class or label-inconsistent images, and with
 `evaluation.curation.keep: top_k | top_p` the images farthest from their real class in feature space (every image's
 distribution score is reported either way). IC-LPIPS and, on box crops, KID and LPIPS are reported beside the
-whole-image metrics; metrics.json records library versions, feature extractors with their weights and input sizes.
+whole-image metrics; metrics.json records library versions, feature extractors with their weights, input sizes and
+dtypes, and the LPIPS network's and the CLIP score model's (`provenance`).
 Features are cached per image (`evaluation.feature_cache_dir`). A feature space, LPIPS or CLIP that cannot load
 (offline, no weights) leaves its metrics out and the others run: metrics.json (`not_computed`), the report and
 the console name each one, why, and the fix. Then YOLO is
@@ -46,8 +47,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from neu_det_pipeline.cli import step_main
+from neu_det_pipeline.config import PipelineConfig
 from neu_det_pipeline.data.split import HELD_OUT_SPLIT
 from neu_det_pipeline.errors import PipelineError
 from neu_det_pipeline.evaluation import curation
@@ -100,14 +103,17 @@ def _paired_metrics(ctx: StepContext, suite: MetricSuite, inputs: StepInputs) ->
             "edge_ssim_to_source": [round(v, 5) for v in ssim]}
 
 
+def _clip_score_dtype(cfg: PipelineConfig) -> torch.dtype:
+    return inference_dtype(resolve_device(cfg.run.device), cfg.run.mixed_precision)
+
+
 def _clip_scores(ctx: StepContext, inputs: StepInputs) -> list[float]:
     """CLIPScore (Hessel et al. 2021, torchmetrics' scale): max(100 * cos(image, prompt), 0)."""
     from neu_det_pipeline.captions.scorers import CLIPScorer
     from neu_det_pipeline.evaluation.images import gray_to_rgb
 
     cfg = ctx.config
-    device = resolve_device(cfg.run.device)
-    scorer = CLIPScorer.from_pretrained(cfg.models.clip, device, inference_dtype(device, cfg.run.mixed_precision))
+    scorer = CLIPScorer.from_pretrained(cfg.models.clip, resolve_device(cfg.run.device), _clip_score_dtype(cfg))
     size = cfg.evaluation.batch_size
     scores: list[float] = []
     for start in ctx.track(range(0, len(inputs.synth_rows), size), -(-len(inputs.synth_rows) // size), "CLIP score"):
@@ -280,6 +286,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
         try:
             per_image["clip_score"] = _clip_scores(ctx, inputs)
             metrics["clip_score"] = per_class_means(per_image["clip_score"], labels, classes)
+            metrics["provenance"]["clip_score"] = {"model": cfg.models.clip, "dtype": DTYPE_NAMES[_clip_score_dtype(cfg)]}
         except PipelineError as exc:
             suite.skip("CLIP score", str(exc))
     scores = _distribution_scores(suite, inputs)

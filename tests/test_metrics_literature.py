@@ -125,6 +125,7 @@ def test_metrics_offline_with_the_default_config_names_what_it_could_not_compute
     assert matrix.shape == (6, 6) and np.isfinite(matrix).all()
     assert metrics["sample_sizes"]["real"] == {name: 5 for name in metrics["lbp"]["classes"]}
     assert metrics["provenance"]["versions"]["torch-fidelity"] and metrics["provenance"]["lpips"]["net"] == "alex"
+    assert metrics["provenance"]["lpips"]["dtype"] == "fp32"
     console = capsys.readouterr()
     printed = [line for line in (console.out + console.err).splitlines() if line.startswith("not computed: ")]
     assert len(printed) == len(missing) and all(any(m in line for line in printed) for m in missing)

@@ -153,6 +153,11 @@ def test_image_metrics_and_sample_sizes(evaluated: tuple[Path, dict]) -> None:
     copy = next(r for r in rows if r["name"].endswith("-hflip-copy"))
     assert copy["copy_similarity"] > 0.99
     assert all(-1 <= r["edge_ssim_to_source"] <= 1 and r["lpips_to_source"] >= 0 and r["clip_score"] >= 0 for r in rows)
+    # CLIP score and the CLIP feature space run the same model in the same dtype; LPIPS always in fp32.
+    provenance = metrics["provenance"]
+    assert provenance["clip_score"]["model"] == provenance["feature_spaces"]["clip"]["model"]
+    assert provenance["clip_score"]["dtype"] == provenance["feature_spaces"]["clip"]["dtype"]
+    assert provenance["lpips"]["dtype"] == "fp32"
 
 
 class _References(HTMLParser):

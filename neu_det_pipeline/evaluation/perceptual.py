@@ -22,6 +22,10 @@ from skimage.metrics import structural_similarity
 
 from neu_det_pipeline.errors import PipelineError
 
+LPIPS_DTYPE = torch.float32
+"""LPIPS runs in fp32 whatever `run.mixed_precision`: its linear layers were calibrated on fp32 features, and its
+distances are small differences of normalised activations."""
+
 
 class LPIPSDistance:
     """LPIPS between grayscale uint8 images (replicated to 3 channels, scaled to [-1, 1])."""
@@ -39,11 +43,11 @@ class LPIPSDistance:
                 f"LPIPS {net} backbone weights could not be downloaded ({exc}); run once with network access, "
                 f"or set evaluation.lpips_pretrained_backbone=false (random backbone: offline tests only)"
             ) from None
-        self.model = self.model.to(device).eval()
+        self.model = self.model.to(device, LPIPS_DTYPE).eval()
         self.device, self.batch_size = device, batch_size
 
     def _tensor(self, pixels: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(pixels).to(self.device, torch.float32).div(127.5).sub(1)
+        x = torch.from_numpy(pixels).to(self.device, LPIPS_DTYPE).div(127.5).sub(1)
         return x.unsqueeze(1).expand(-1, 3, -1, -1)
 
     def indexed(self, a: np.ndarray, b: np.ndarray, index_a: np.ndarray, index_b: np.ndarray) -> np.ndarray:

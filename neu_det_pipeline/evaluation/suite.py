@@ -26,8 +26,8 @@ from neu_det_pipeline.errors import PipelineError
 from neu_det_pipeline.evaluation.features import FeatureCache, FeatureExtractor, load_extractor
 from neu_det_pipeline.evaluation.fidelity import distribution_metrics
 from neu_det_pipeline.evaluation.images import EVALUATION_SIDE, ImageFolder
-from neu_det_pipeline.evaluation.perceptual import LPIPSDistance, intra_cluster_lpips, lbp_class_matrix, lbp_histogram, nearest_by_lpips
-from neu_det_pipeline.models import resolve_device
+from neu_det_pipeline.evaluation.perceptual import LPIPS_DTYPE, LPIPSDistance, intra_cluster_lpips, lbp_class_matrix, lbp_histogram, nearest_by_lpips
+from neu_det_pipeline.models import DTYPE_NAMES, resolve_device
 
 T = TypeVar("T")
 Track = Callable[[Iterable[T], int, str], Iterator[T]]
@@ -114,7 +114,7 @@ class MetricSuite:
     def lpips_description(self) -> dict[str, Any]:
         """What metrics.json records of the LPIPS network."""
         backbone = f"torchvision ImageNet {self.cfg.lpips_net}" if self.cfg.lpips_pretrained_backbone else "random (offline tests only)"
-        return {"net": self.cfg.lpips_net, "backbone": backbone, "linear_layers": "lpips package v0.1",
+        return {"net": self.cfg.lpips_net, "backbone": backbone, "linear_layers": "lpips package v0.1", "dtype": DTYPE_NAMES[LPIPS_DTYPE],
                 "input_size": {"whole_image": EVALUATION_SIDE, "box_crop": self.cfg.box_crop_size}}
 
     def _cached(self, extractor: FeatureExtractor, pixels: np.ndarray, description: str) -> torch.Tensor:
