@@ -161,9 +161,11 @@ def test_the_lr_schedule_waits_for_a_step_the_grad_scaler_skipped(step6_config, 
     out_dir = Path(config.run.output_dir) / STEP.name
     out_dir.mkdir()
     training = ClassifierTraining(config, load_data(config, Path(config.run.output_dir) / STEP0, None), out_dir)
-    training.run()
+    progress: list[int] = []
+    training.run(lambda step, loss: progress.append(step))
     assert len(calls) == training.steps_per_epoch > 2
     assert training.lr_scheduler.last_epoch == training.steps_per_epoch - 1  # one step fewer on the schedule
+    assert progress == list(range(1, training.steps_per_epoch + 1))  # the progress counts the skipped step too
 
 
 def test_two_data_parallel_ranks_stay_in_sync_through_both_stages(step6_config, tiny_models_dir: Path, tmp_path: Path) -> None:

@@ -223,6 +223,7 @@ class ClassifierTraining:
         accumulation = section.gradient_accumulation_steps
         sums = {"loss": 0.0, "classification": 0.0, "segmentation": 0.0, "alpha": 0.0, "beta": 0.0, "batches": 0}
         batches = len(loader)
+        steps_done = epoch * self.steps_per_epoch  # optimizer steps so far, skipped ones included: the progress
         for i, batch in enumerate(loader):
             # Dropout noise depends on (seed, epoch, batch, rank) only: a resumed run draws the same.
             torch.manual_seed(hash((self.config.run.seed, epoch, i, accelerator.process_index)) % 2**63)
@@ -237,7 +238,8 @@ class ClassifierTraining:
                 if not optimizer.step_was_skipped:
                     self.lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                on_step(self.lr_scheduler.last_epoch, parts.total.item())
+                steps_done += 1
+                on_step(steps_done, parts.total.item())
             for key, value in (("loss", parts.total), ("classification", parts.classification), ("segmentation", parts.segmentation)):
                 sums[key] += value.item()
             sums["alpha"] += parts.alpha
