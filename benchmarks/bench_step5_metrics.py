@@ -103,7 +103,7 @@ def cache_rounds(data: Path, tmp: Path, n: int, overrides: list[str], args: argp
             metrics = metrics_command(data, synth, tmp / f"out{seed}", args.config, [*overrides, f"evaluation.feature_cache_dir={cache}"])
             times.append(time.perf_counter() - started)
             print(f"round {round_} pass {len(times)}: {times[-1]:.2f} s, features computed {metrics['feature_cache']['computed']}, "
-                  f"reused {metrics['feature_cache']['reused']}", flush=True)
+                  f"reused {metrics['feature_cache']['reused']}; class LPIPS diversities {metrics['feature_cache']['lpips_diversity']}", flush=True)
         ratios.append(times[1] / times[0])
         print(f"round {round_}: second / first = {ratios[-1]:.3f}", flush=True)
     print(f"images: {n} real + {n} synthetic per pass; median second / first: {float(np.median(ratios)):.3f}")

@@ -11,8 +11,8 @@ memorised and (with a good enough real-data detector) off-class or label-inconsi
 distribution score is reported either way). IC-LPIPS and, on box crops, KID and LPIPS are reported beside the
 whole-image metrics; metrics.json records library versions, feature extractors with their weights, input sizes and
 dtypes, and the LPIPS network's and the CLIP score model's (`provenance`).
-Features are cached per image (`evaluation.feature_cache_dir`). A feature space, LPIPS or CLIP that cannot load
-(offline, no weights) leaves its metrics out and the others run: metrics.json (`not_computed`), the report and
+Features are cached per image, LPIPS diversities per class (`evaluation.feature_cache_dir`). A feature space,
+LPIPS or CLIP that cannot load (offline, no weights) leaves its metrics out and the others run: metrics.json (`not_computed`), the report and
 the console name each one, why, and the fix. Then YOLO is
 trained on each arm of `evaluation.utility.arms`: real data alone, curated synthetic images at each
 `evaluation.utility.synthetic_ratios`, the two control arms with as many images made from the same real images
@@ -31,7 +31,7 @@ Outputs in `<run.output_dir>/step5_evaluate/`:
     curated/                manifest.jsonl (kept Step 4 rows), yolo/ (data.yaml, images, labels), rejections.jsonl
     report.md, report.html  tables, charts, LBP heatmaps, score distributions, contact sheets, rejected examples
                             (report/ holds the figures)
-    feature_cache/          per-image features (unless `evaluation.feature_cache_dir` points elsewhere)
+    feature_cache/          per-image features, per-class LPIPS diversities (unless `evaluation.feature_cache_dir` points elsewhere)
     utility/                YOLO datasets (links) and runs (runs/<run>/result.json, test_predictions.json)
     control_arms/<classical|copy_paste>-g<generation seed>/
                             the control arms' images in Step 4's layout: images/<class>/, labels/ (VOC),

@@ -89,6 +89,38 @@ def test_feature_cache_computes_each_image_once_per_extractor_and_weights(tmp_pa
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and not p.name.endswith(".npy")]  # no temp files left
 
 
+def test_lpips_diversity_is_cached_per_class_by_contents_pairs_and_weights(tmp_path: Path, sample: ImageFolder, patches: np.ndarray,
+                                                                          lpips: LPIPSDistance) -> None:
+    from neu_det_pipeline.config import load_config
+    from neu_det_pipeline.evaluation.suite import MetricSuite
+
+    labels = [sample.labels[i] for i in range(0, len(sample.labels), 6)]
+    classes = sorted(set(labels))
+    config = load_config(SMOKE_CONFIG, ["evaluation.lpips_pairs=4"])
+    suite = MetricSuite(config, lambda items, total, description: iter(items), tmp_path / "cache")
+    first = suite.diversity(lpips, patches, labels, classes)
+    assert suite.diversity_counts == {"computed": len(classes), "reused": 0}
+    seeds = {name: config.run.seed + i for i, name in enumerate(classes)}
+    members = lambda pixels, name: pixels[np.asarray(labels) == name]  # noqa: E731
+    assert all(first[name] == lpips.diversity(members(patches, name), 4, seeds[name]) for name in classes)
+    assert suite.diversity(lpips, patches, labels, classes) == first  # read back: a run over the same real images
+    assert suite.diversity_counts == {"computed": len(classes), "reused": len(classes)}
+
+    changed = patches.copy()
+    changed[labels.index(classes[0])] ^= 1  # one image of the first class changes by one grey level
+    suite.diversity(lpips, changed, labels, classes)
+    assert suite.diversity_counts == {"computed": len(classes) + 1, "reused": 2 * len(classes) - 1}
+
+    # A random backbone is drawn from a fixed seed: another one is the same network; other weights are another.
+    assert LPIPSDistance("alex", pretrained_backbone=False, device=torch.device("cpu"), batch_size=8).identity == lpips.identity
+    other = LPIPSDistance("alex", pretrained_backbone=False, device=torch.device("cpu"), batch_size=8)
+    with torch.no_grad():
+        next(other.model.parameters()).add_(0.5)
+    assert other.identity != lpips.identity
+    suite.diversity(other, patches, labels, classes)
+    assert suite.diversity_counts["computed"] == 2 * len(classes) + 1
+
+
 def test_metrics_offline_with_the_default_config_names_what_it_could_not_compute(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     """No network and no cached weights: Inception, DINOv3 and the LPIPS backbone cannot load; the LBP class

@@ -130,8 +130,9 @@ class EvaluationConfig(Section):
     box_crop_size: int = Field(64, ge=16)
     """Side (px) the box crops are resized to for the in-box metrics."""
     feature_cache_dir: Path | None = None
-    """Folder of cached per-image features keyed by (image content, extractor, weights); null: `feature_cache/` in
-    the step folder (Step 5) or the `--out` folder (`neu-det metrics`). Point runs at one folder to share them."""
+    """Folder of cached per-image features keyed by (image content, extractor, weights) and per-class LPIPS
+    diversities keyed by (the class's images, pairs, LPIPS weights); null: `feature_cache/` in the step folder
+    (Step 5) or the `--out` folder (`neu-det metrics`). Point runs at one folder to share them."""
     clip_score: bool = True
     """CLIP score of each synthetic image against its prompt (`models.clip`)."""
     report_samples: int = Field(6, ge=1)

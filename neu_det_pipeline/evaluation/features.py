@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -150,7 +151,9 @@ def weights_identity(model_id: str) -> str:
 
 
 class FeatureCache:
-    """Per-image features on disk: `<root>/<extractor key>/<sha256[:2]>/<sha256 of the 200 px pixels>.npy`.
+    """Per-image features on disk: `<root>/<extractor key>/<sha256[:2]>/<sha256 of the 200 px pixels>.npy`, and
+    numbers computed from a set of images (a class's LPIPS diversity): `<root>/<namespace>/<sha256[:2]>/<sha256 of
+    what the number depends on>.json`.
 
     Writes are atomic (temporary file + rename), so runs sharing the folder never read half a file."""
 
@@ -186,6 +189,17 @@ class FeatureCache:
                 atomic_write_bytes(self._path(extractor.cache_key, keys[i]), buffer.getvalue())
                 out[i] = vector
         return torch.from_numpy(out), len(missing)
+
+    def value(self, namespace: str, identity: str, compute: Callable[[], float | None]) -> tuple[float | None, bool]:
+        """The number `identity` names (it must spell out everything the number depends on, image contents
+        included), read from the cache or computed and stored; and whether it was computed now."""
+        digest = hashlib.sha256(identity.encode()).hexdigest()
+        path = self.root / namespace / digest[:2] / f"{digest}.json"
+        if path.is_file():
+            return json.loads(path.read_text())["value"], False
+        value = compute()
+        atomic_write_bytes(path, json.dumps({"value": value}).encode())
+        return value, True
 
 
 EXTRACTORS: dict[str, Callable[[PipelineConfig, torch.device, torch.dtype], FeatureExtractor]] = {

@@ -9,6 +9,7 @@ High: the generator varies around each real image; near 0: it copies one image p
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import random
 import warnings
@@ -21,6 +22,7 @@ from skimage.filters import sobel
 from skimage.metrics import structural_similarity
 
 from neu_det_pipeline.errors import PipelineError
+from neu_det_pipeline.models import DTYPE_NAMES
 
 LPIPS_DTYPE = torch.float32
 """LPIPS runs in fp32 whatever `run.mixed_precision`: its linear layers were calibrated on fp32 features, and its
@@ -35,8 +37,10 @@ class LPIPSDistance:
 
         try:
             # lpips prints its setup; its linear calibration layers ship with the package, only the backbone downloads.
-            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            # A random backbone (offline tests) is drawn from a fixed seed, so its distances repeat from run to run.
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
                 warnings.simplefilter("ignore", UserWarning)  # torchvision's `pretrained=` deprecation, inside lpips
+                torch.manual_seed(0)
                 self.model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=not pretrained_backbone, verbose=False)
         except OSError as exc:  # URLError is an OSError
             raise PipelineError(
@@ -45,6 +49,19 @@ class LPIPSDistance:
             ) from None
         self.model = self.model.to(device, LPIPS_DTYPE).eval()
         self.device, self.batch_size = device, batch_size
+        self._identity: str | None = None
+
+    @property
+    def identity(self) -> str:
+        """sha256 of the network's weights (backbone and linear layers) and dtype: what its distances depend on.
+        Hashing the tensors, not naming the net, also tells two random backbones apart."""
+        if self._identity is None:
+            digest = hashlib.sha256(DTYPE_NAMES[LPIPS_DTYPE].encode())
+            for name, tensor in sorted(self.model.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            self._identity = f"lpips-{digest.hexdigest()}"
+        return self._identity
 
     def _tensor(self, pixels: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(pixels).to(self.device, LPIPS_DTYPE).div(127.5).sub(1)

@@ -8,6 +8,7 @@ load (offline, no weights file) does not stop the others: `not_computed` names e
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import warnings
@@ -81,6 +82,7 @@ class MetricSuite:
         """One entry per metric left out: `metric`, `why` (with the fix)."""
         self.feature_spaces: dict[str, dict[str, Any]] = {}
         self.cache_counts = {"computed": 0, "reused": 0}
+        self.diversity_counts = {"computed": 0, "reused": 0}
         self._lpips: LPIPSDistance | None = None
         self._lpips_error: str | None = None
         self.computed_features: dict[str, dict[str, torch.Tensor]] = {}
@@ -162,12 +164,16 @@ class MetricSuite:
         return result
 
     def diversity(self, lpips: LPIPSDistance, pixels: np.ndarray, labels: list[str], classes: list[str], key: str = "lpips_diversity") -> dict[str, float | None]:
-        """Mean LPIPS between random same-class pairs, per class (higher: more varied)."""
+        """Mean LPIPS between random same-class pairs, per class (higher: more varied). Each class's value is
+        cached by its images' contents, the pairs drawn and the LPIPS weights: the real side is computed once."""
         started = time.perf_counter()
         out = {}
         labels_np = np.asarray(labels)
         for i, name in enumerate(self.track(classes, len(classes), "LPIPS diversity")):
-            out[name] = lpips.diversity(pixels[labels_np == name], self.cfg.lpips_pairs, self.config.run.seed + i)
+            members, pairs, seed = pixels[labels_np == name], self.cfg.lpips_pairs, self.config.run.seed + i
+            identity = f"{lpips.identity}|pairs={pairs}|seed={seed}|{','.join(self.cache.content_keys(members))}"
+            out[name], computed = self.cache.value("lpips-diversity", identity, functools.partial(lpips.diversity, members, pairs, seed))
+            self.diversity_counts["computed" if computed else "reused"] += 1
         out[OVERALL] = _mean(out.values())
         self._timed(key, started, len(pixels))
         return out
@@ -272,7 +278,7 @@ class MetricSuite:
             "lbp": lbp,
             "provenance": {"versions": library_versions(), "feature_spaces": self.feature_spaces, "lpips": self.lpips_description(),
                            "image_side": EVALUATION_SIDE},
-            "feature_cache": {"dir": str(self.cache.root), **self.cache_counts},
+            "feature_cache": {"dir": str(self.cache.root), **self.cache_counts, "lpips_diversity": self.diversity_counts},
             "not_computed": self.not_computed,
             "per_image": {"nearest_real_lpips": nearest, "nearest_real_name": nearest_names},
         }
