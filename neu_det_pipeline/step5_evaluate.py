@@ -14,8 +14,9 @@ dtypes, and the LPIPS network's and the CLIP score model's (`provenance`).
 Features are cached per image, LPIPS diversities per class (`evaluation.feature_cache_dir`). A feature space,
 LPIPS or CLIP that cannot load (offline, no weights) leaves its metrics out and the others run: metrics.json
 (`not_computed`), the report and the console name each one, why, and the fix. Then YOLO is trained on each arm of
-`evaluation.utility.arms`: real data alone, curated synthetic images at each `evaluation.utility.synthetic_ratios`, the two control arms with as many images made from the same real images
-(classical albumentations augmentation; copy-paste of real defect boxes), and, under the low-data protocol
+`evaluation.utility.arms`: real data alone, curated synthetic images at each `evaluation.utility.synthetic_ratios`,
+the two control arms with as many images made from the same real images (classical albumentations augmentation;
+copy-paste of real defect boxes), and, under the low-data protocol
 (`data.train_fraction` < 1), the kept plus held-back real images (the oracle); added images join the real ones or
 replace as many (`mode`), every arm trains the same epochs or the same number of batches (`budget`), per training
 seed and per generation seed (`generation.seeds`). Every run is tested on the same real test split; each arm's
