@@ -47,10 +47,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from neu_det_pipeline.cli import step_main
-from neu_det_pipeline.config import PipelineConfig
 from neu_det_pipeline.data.split import HELD_OUT_SPLIT
 from neu_det_pipeline.errors import PipelineError
 from neu_det_pipeline.evaluation import curation
@@ -82,7 +80,7 @@ from neu_det_pipeline.evaluation.utility import (
 )
 from neu_det_pipeline.generation.plan import generation_seeds
 from neu_det_pipeline.io import write_json, write_jsonl
-from neu_det_pipeline.models import DTYPE_NAMES, inference_dtype, resolve_device
+from neu_det_pipeline.models import DTYPE_NAMES, resolve_device
 from neu_det_pipeline.recipe import Step, StepContext, console
 
 CURATED_DIR = "curated"
@@ -103,17 +101,13 @@ def _paired_metrics(ctx: StepContext, suite: MetricSuite, inputs: StepInputs) ->
             "edge_ssim_to_source": [round(v, 5) for v in ssim]}
 
 
-def _clip_score_dtype(cfg: PipelineConfig) -> torch.dtype:
-    return inference_dtype(resolve_device(cfg.run.device), cfg.run.mixed_precision)
-
-
 def _clip_scores(ctx: StepContext, inputs: StepInputs) -> list[float]:
     """CLIPScore (Hessel et al. 2021, torchmetrics' scale): max(100 * cos(image, prompt), 0)."""
     from neu_det_pipeline.captions.scorers import CLIPScorer
     from neu_det_pipeline.evaluation.images import gray_to_rgb
 
     cfg = ctx.config
-    scorer = CLIPScorer.from_pretrained(cfg.models.clip, resolve_device(cfg.run.device), _clip_score_dtype(cfg))
+    scorer = CLIPScorer.from_pretrained(cfg.models.clip, resolve_device(cfg.run.device), extractor_dtype("clip", cfg))
     size = cfg.evaluation.batch_size
     scores: list[float] = []
     for start in ctx.track(range(0, len(inputs.synth_rows), size), -(-len(inputs.synth_rows) // size), "CLIP score"):
@@ -286,7 +280,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
         try:
             per_image["clip_score"] = _clip_scores(ctx, inputs)
             metrics["clip_score"] = per_class_means(per_image["clip_score"], labels, classes)
-            metrics["provenance"]["clip_score"] = {"model": cfg.models.clip, "dtype": DTYPE_NAMES[_clip_score_dtype(cfg)]}
+            metrics["provenance"]["clip_score"] = {"model": cfg.models.clip, "dtype": DTYPE_NAMES[extractor_dtype("clip", cfg)]}
         except PipelineError as exc:
             suite.skip("CLIP score", str(exc))
     scores = _distribution_scores(suite, inputs)
