@@ -77,15 +77,17 @@ class Donor:
 
 def donors_from_rows(
     rows: Iterable[dict[str, Any]], image_path: Callable[[dict[str, Any]], Path], mask_path: Callable[[dict[str, Any]], Path],
-    mode: str = "L",
+    mode: str = "L", source_file: Callable[[dict[str, Any]], str] | None = None,
 ) -> list[Donor]:
     """One donor per box of each Step 0 manifest row: the image (`mode`) at `image_path(row)`, cut with the Step 0
-    mask at `mask_path(row)` (`masks/<id>.png`, the image's size)."""
+    mask at `mask_path(row)` (`masks/<id>.png`, the image's size). `source_file(row)` names the donor's file in the
+    manifest (default: the image path)."""
     donors = []
     for row in rows:
         with Image.open(image_path(row)) as image, Image.open(mask_path(row)) as mask:
             pixels, mask_pixels = np.asarray(image.convert(mode)), np.asarray(mask.convert("L"))
-        donors += [Donor.from_image(row["id"], pixels, mask_pixels, Box(**box), str(image_path(row))) for box in row["boxes"]]
+        name = source_file(row) if source_file else str(image_path(row))
+        donors += [Donor.from_image(row["id"], pixels, mask_pixels, Box(**box), name) for box in row["boxes"]]
     return donors
 
 
