@@ -194,6 +194,7 @@ def collect(out_dir: Path, main: dict[str, Any], processes: int, parts_s: dict[s
     deadline = time.monotonic() + wait_s
     while not all(path.is_file() for path in wanted) and time.monotonic() < deadline:
         time.sleep(0.1)
+    missing = [rank for rank, path in enumerate(wanted, start=1) if not path.is_file()]
     per_process = [main] + [read_json(path) for path in wanted if path.is_file()]
     clear_rank_parts(out_dir)
     on_gpu = sum(1 for figures in per_process if figures["accelerator"])
@@ -214,8 +215,8 @@ def collect(out_dir: Path, main: dict[str, Any], processes: int, parts_s: dict[s
         "rss_scope": main["rss_scope"],
         "per_process": per_process,
     }
-    if len(per_process) < processes:
-        cost["missing_ranks"] = [r for r in range(1, processes) if not (folder / f"rank-{r}.json").is_file()]
+    if missing:  # read before the parts were cleared
+        cost["missing_ranks"] = missing
     if parts_s:
         cost["parts_s"] = {name: round(seconds, 3) for name, seconds in parts_s.items()}
     return cost

@@ -70,6 +70,9 @@ def test_other_ranks_figures_are_collected(tmp_path: Path) -> None:
     assert not (tmp_path / cost.PARTS_DIR).exists()
     lonely = cost.collect(tmp_path, figures(0, 8000.0, 200.0), 2, {}, wait_s=0)
     assert lonely["missing_ranks"] == [1] and "no figures from ranks [1]" in cost.cost_line(lonely)
+    cost.write_rank_part(tmp_path, figures(1, 9000.0, 100.0))  # rank 2 of 3 never reports
+    partial = cost.collect(tmp_path, figures(0, 8000.0, 200.0), 3, {}, wait_s=0)
+    assert partial["missing_ranks"] == [2] and [f["rank"] for f in partial["per_process"]] == [0, 1]
 
 
 def test_parts_are_timed_between_marks() -> None:
