@@ -125,3 +125,13 @@ def test_step6_trains_on_grad_cam_pseudo_masks_and_says_so(make_config, step0_sa
     assert (out / STEP.name / "cam_stage" / "best.pt").is_file() and len(list((out / STEP.name / "pseudo_masks").iterdir())) == 36
     plain, _ = load_classifier(out / STEP.name / "cam_stage" / "best.pt")
     assert not plain.spec.multitask  # the first stage is the plain classifier
+
+
+@pytest.mark.parametrize("source", ["attention", "cam"])
+def test_pseudo_masks_are_refused_for_box_crops(source: str) -> None:
+    """Pseudo-masks are whole-image masks; box-crop samples would read them as the masks of their crops."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=f"mask_source={source} makes whole-image masks .* use mask_source=boxes"):
+        ClassifierConfig(input="box_crops", mask_source=source)
+    assert ClassifierConfig(input="box_crops", mask_source="none").mask_source == "none"

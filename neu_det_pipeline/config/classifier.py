@@ -202,6 +202,10 @@ class ClassifierConfig(Section):
             raise ValueError(f"classifier.pseudo_mask_threshold={self.pseudo_mask_threshold} must be `otsu` or a quantile between 0 and 1")
         if self.mask_source in ("attention", "cam") and not self.multitask:
             raise ValueError(f"classifier.mask_source={self.mask_source} makes masks for the segmentation branch; set classifier.multitask=true")
+        if self.mask_source in ("attention", "cam") and self.input == "box_crops":
+            # Pseudo-masks are made per whole image; box crops come with their boxes, whose masks are the targets.
+            raise ValueError(f"classifier.mask_source={self.mask_source} makes whole-image masks for images without boxes; "
+                             "classifier.input=box_crops trains on boxes: use mask_source=boxes (or none), or input=image")
         if self.mask_source == "none" and self.loss_weighting == "uncertainty":
             raise ValueError("classifier.mask_source=none has no segmentation loss to weigh; use classifier.loss_weighting=fixed or dynamic")
         if self.stages:
