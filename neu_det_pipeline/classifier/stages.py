@@ -80,6 +80,16 @@ def set_train_modes(backbone: Backbone, stage: Stage) -> None:
         part.train()
 
 
+def warmup_cosine(step: int, start: int, warmup: int, total: int) -> float:
+    """LR factor: 0 before `start`, linear warm-up over `warmup` steps, then cosine decay to 0 at `total`."""
+    if step < start:
+        return 0.0
+    if step < start + warmup:
+        return (step - start + 1) / warmup
+    decay = max(1, total - start - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - start - warmup) / decay)))
+
+
 def staged_lr_lambdas(stages: list[Stage], steps_per_epoch: int, warmup_epochs: float, base_lrs: list[float]) -> list[Callable[[int], float]]:
     """LambdaLR factors for the groups (head, backbone[, loss weights]) whose initial learning rates are `base_lrs`:
     in each stage, the stage's peak rate (the backbone's for group 1) times a warm-up + cosine shape."""
@@ -89,10 +99,8 @@ def staged_lr_lambdas(stages: list[Stage], steps_per_epoch: int, warmup_epochs: 
         stage = stage_at(stages, epoch)
         length = stage.epochs * steps_per_epoch
         warmup = min(round(warmup_epochs * steps_per_epoch), length // 2)
-        position = step - stage.start_epoch * steps_per_epoch
-        if position < warmup:
-            return stage, (position + 1) / warmup
-        return stage, 0.5 * (1 + math.cos(math.pi * min(1.0, (position - warmup) / max(1, length - warmup))))
+        start = stage.start_epoch * steps_per_epoch
+        return stage, warmup_cosine(step, start, warmup, start + length)
 
     def factor(group: int) -> Callable[[int], float]:
         def at(step: int) -> float:

@@ -17,7 +17,6 @@ one that never stopped.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from neu_det_pipeline.classifier.data import ClassifierData, ClassifierDataset, 
 from neu_det_pipeline.classifier.evaluation import metrics, predict_dataset
 from neu_det_pipeline.classifier.losses import LossParts, MultiTaskLoss
 from neu_det_pipeline.classifier.model import AttentionGuidedClassifier, ModelSpec
-from neu_det_pipeline.classifier.stages import Stage, apply_stage, set_train_modes, stage_at, staged_lr_lambdas, training_stages
+from neu_det_pipeline.classifier.stages import Stage, apply_stage, set_train_modes, stage_at, staged_lr_lambdas, training_stages, warmup_cosine
 from neu_det_pipeline.config import ClassifierConfig, PipelineConfig
 from neu_det_pipeline.errors import PipelineError
 from neu_det_pipeline.training.loop import make_accelerator
@@ -44,16 +43,6 @@ def is_dinov3(backbone: str) -> bool:
     """`classifier.backbone` names DINOv3 weights (`dinov3`, `timm:vit_small_patch16_dinov3.lvd1689m`,
     `timm:convnext_tiny.dinov3_lvd1689m`): they are not fp16-safe, so training runs them in bf16 or fp32."""
     return "dinov3" in backbone.lower()
-
-
-def warmup_cosine(step: int, start: int, warmup: int, total: int) -> float:
-    """LR factor: 0 before `start`, linear warm-up over `warmup` steps, then cosine decay to 0 at `total`."""
-    if step < start:
-        return 0.0
-    if step < start + warmup:
-        return (step - start + 1) / warmup
-    decay = max(1, total - start - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - start - warmup) / decay)))
 
 
 DEFAULT_WEIGHT_DECAY = {"adamw": 0.05, "sgd": 1e-3}  # SGD's: the seed guide's
