@@ -1,7 +1,8 @@
-"""Crash-safe file writing: every output is written to a temporary sibling and renamed into place."""
+"""Crash-safe file writing (every output is written to a temporary sibling and renamed into place), and reading."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -71,3 +72,14 @@ def link_or_copy(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:  # another file system, or one without hard links
         atomic_write_bytes(target, source.read_bytes())
+
+
+def sha256_of_files(paths: Iterable[Path]) -> str:
+    """sha256 over the files' names and contents, in name order (read in chunks: weights files are large)."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()

@@ -160,7 +160,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
     return {
         "pipeline": cfg.models.pipeline,
         "processes": state.num_processes,
-        "dtype": DTYPE_NAMES[(generator.pipe.unet.dtype if hasattr(generator.pipe, "unet") else generator.dtype) if generator else dtype],
+        "dtype": DTYPE_NAMES[generator.dtype if generator else dtype],
         "images": len(manifest),
         "images_generated": len(pending),
         "images_from_earlier_run": len(plan) - len(pending),

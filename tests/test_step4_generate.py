@@ -42,10 +42,9 @@ from neu_det_pipeline.generation.pipeline import (
     ControlNetGenerator,
     cfg_rescale,
     rescaled_conditional,
-    sha256_of_files,
 )
 from neu_det_pipeline.generation.plan import build_plan, image_seed
-from neu_det_pipeline.io import read_json, read_jsonl, write_jsonl
+from neu_det_pipeline.io import read_json, read_jsonl, sha256_of_files, write_jsonl
 from neu_det_pipeline.recipe import run_step
 from neu_det_pipeline.step4_generate import STEP
 

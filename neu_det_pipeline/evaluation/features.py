@@ -28,7 +28,7 @@ from neu_det_pipeline.config import PipelineConfig
 from neu_det_pipeline.dinov3 import load_dinov3, preprocessor, vit_tokens, width
 from neu_det_pipeline.errors import PipelineError
 from neu_det_pipeline.evaluation.images import gray_to_rgb
-from neu_det_pipeline.io import atomic_write_bytes
+from neu_det_pipeline.io import atomic_write_bytes, sha256_of_files
 from neu_det_pipeline.models import DTYPE_NAMES, inference_dtype, local_folder, resolve_device
 
 INCEPTION_INPUT = 299
@@ -95,7 +95,7 @@ def _inception(config: PipelineConfig, device: torch.device, dtype: torch.dtype)
         return network(torch.from_numpy(batch).to(device).unsqueeze(1).expand(-1, 3, -1, -1))
 
     if weights is not None:
-        model, identity = str(weights), f"sha256:{files_sha256([Path(weights)])}"
+        model, identity = str(weights), f"sha256:{sha256_of_files([Path(weights)])}"
     else:
         from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
@@ -125,23 +125,12 @@ def _dinov3(config: PipelineConfig, device: torch.device, dtype: torch.dtype) ->
                             fed, DTYPE_NAMES[dtype])
 
 
-def files_sha256(paths: list[Path]) -> str:
-    """sha256 over the files' names and contents (read in chunks: weights files are large)."""
-    digest = hashlib.sha256()
-    for path in sorted(paths):
-        digest.update(path.name.encode())
-        with path.open("rb") as handle:
-            while chunk := handle.read(1 << 22):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
 def weights_identity(model_id: str) -> str:
     """`sha256:...` of a local folder's weight files; for a hub id, `hub:<id>@<commit>` of the copy in the Hugging
     Face cache (the one just loaded), or `hub:<id>` when the cache does not say."""
     folder = local_folder(model_id)
     if folder is not None:
-        return f"sha256:{files_sha256([p for p in folder.rglob('*') if p.is_file() and p.suffix in WEIGHT_SUFFIXES])}"
+        return f"sha256:{sha256_of_files([p for p in folder.rglob('*') if p.is_file() and p.suffix in WEIGHT_SUFFIXES])}"
     from huggingface_hub import try_to_load_from_cache
 
     repo = model_id.removeprefix("hf-hub:")

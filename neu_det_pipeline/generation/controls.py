@@ -143,24 +143,24 @@ class ControlMapCache:
 
         `detect` is a factory, so a run whose maps are all cached never loads a detector.
         """
-        path = self.path(image_sha256, key)
-        if path.is_file():
-            with Image.open(path) as cached:
-                return cached.convert("RGB"), False
-        with Image.open(image_path) as source:
-            made = detect()(source.convert("RGB"), resolution)
-        save_image(made, path, **FAST_PNG)
-        return made, True
+        def source() -> Image.Image:
+            with Image.open(image_path) as image:
+                return image.convert("RGB")
+
+        return self._cached_or_made(self.path(image_sha256, key), source, detect, resolution)
 
     def get_for_pixels(self, image: Image.Image, key: str, detect: Callable[[], Detect], resolution: int) -> tuple[Image.Image, bool]:
         """The map of an image made in memory (a transplanted layout), keyed by the sha256 of its RGB pixels."""
         rgb = image.convert("RGB")
         digest = hashlib.sha256(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()
-        path = self.path(digest, key)
+        return self._cached_or_made(self.path(digest, key), lambda: rgb, detect, resolution)
+
+    @staticmethod
+    def _cached_or_made(path: Path, source: Callable[[], Image.Image], detect: Callable[[], Detect], resolution: int) -> tuple[Image.Image, bool]:
         if path.is_file():
             with Image.open(path) as cached:
                 return cached.convert("RGB"), False
-        made = detect()(rgb, resolution)
+        made = detect()(source(), resolution)
         save_image(made, path, **FAST_PNG)
         return made, True
 

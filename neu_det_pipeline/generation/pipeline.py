@@ -16,7 +16,6 @@ output so that the pipeline's own `uncond + g * (cond - uncond)` equals the resc
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +51,7 @@ from neu_det_pipeline.artifacts import LORA_WEIGHTS_FILE, TOKEN_MAP_FILE
 from neu_det_pipeline.config import GenerationConfig, PipelineConfig
 from neu_det_pipeline.config.generation import INPAINT_MODES
 from neu_det_pipeline.errors import PipelineError
-from neu_det_pipeline.io import read_json
+from neu_det_pipeline.io import read_json, sha256_of_files
 from neu_det_pipeline.models import drop_log_messages, load_model, weights_variant
 from neu_det_pipeline.training.diffusion import base_model
 from neu_det_pipeline.training.lora import load_lora
@@ -80,14 +79,6 @@ UNION_CONTROL_MODES = {"depth": 1, "softedge": 2, "canny": 3, "normal": 4}
 """Control type index of xinsir/controlnet-union-sdxl-1.0 (0 openpose, 1 depth, 2 hed/pidi/scribble, 3 canny/lineart,
 4 normal, 5 segmentation)."""
 LORA_ADAPTER = "step3"
-
-
-def sha256_of_files(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(paths):
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------- CFG rescale
@@ -206,6 +197,11 @@ def place_on_device(pipe: Any, section: GenerationConfig, device: torch.device, 
             setattr(pipe, name, torch.compile(getattr(pipe, name), mode="max-autotune-no-cudagraphs", fullgraph=False))
 
 
+def control_guidance_windows(section: GenerationConfig) -> dict[str, list[float]]:
+    """Control -> [start, end] fraction of the denoising steps it acts on."""
+    return {c: [section.control_guidance_start[c], section.control_guidance_end[c]] for c in section.controls}
+
+
 class ControlNetGenerator:
     """A loaded ControlNet pipeline; `generate` makes one batch."""
 
@@ -280,11 +276,14 @@ class ControlNetGenerator:
         return [name for name in ("compile", "cpu_offload") if getattr(self.section, name)]
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.unet.dtype
+
+    @property
     def control_guidance(self) -> dict[str, list[float]]:
         """Control -> [start, end] fraction of the denoising steps it acts on: what the pipeline is given (per
         ControlNet, or per control mode of the union ControlNet) and what the manifest records."""
-        section = self.section
-        return {c: [section.control_guidance_start[c], section.control_guidance_end[c]] for c in section.controls}
+        return control_guidance_windows(self.section)
 
     def control_arguments(self, maps: dict[str, list[Image.Image]]) -> dict[str, Any]:
         """The pipeline's control keyword arguments for per-control lists of maps (one map per image).

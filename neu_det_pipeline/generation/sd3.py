@@ -25,7 +25,7 @@ from PIL import Image
 
 from neu_det_pipeline.config import PipelineConfig
 from neu_det_pipeline.errors import PipelineError
-from neu_det_pipeline.generation.pipeline import GenerationModels, _as_batch, place_on_device
+from neu_det_pipeline.generation.pipeline import GenerationModels, _as_batch, control_guidance_windows, place_on_device
 from neu_det_pipeline.models import load_model, weights_variant
 
 
@@ -105,8 +105,7 @@ class SD3ControlNetGenerator:
 
     @property
     def control_guidance(self) -> dict[str, list[float]]:
-        section = self.section
-        return {c: [section.control_guidance_start[c], section.control_guidance_end[c]] for c in section.controls}
+        return control_guidance_windows(self.section)
 
     def control_arguments(self, maps: dict[str, list[Image.Image]]) -> dict[str, Any]:
         """One (batch, 3, H, W) tensor in [0, 1] per control, with its scale and window (lists for several)."""
