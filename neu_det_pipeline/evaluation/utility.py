@@ -283,29 +283,42 @@ def average_precision(recall: np.ndarray, precision: np.ndarray) -> float:
 def weighted_map50(matched: MatchedDetections, weights: np.ndarray) -> tuple[float, dict[int, float]]:
     """mAP50 (and AP50 per class) when test image i counts `weights[i]` times: the mean over classes with ground truth."""
     gt = weights @ matched.gt_counts
+    image_weights = weights[matched.image]  # per detection
     per_class = {}
     for c in np.flatnonzero(gt):
-        chosen = (matched.label == c) & (weights[matched.image] > 0)
-        w = weights[matched.image[chosen]]
+        chosen = (matched.label == c) & (image_weights > 0)
+        w = image_weights[chosen]
         tp = np.cumsum(w * matched.true_positive[chosen])
         fp = np.cumsum(w * ~matched.true_positive[chosen])
         per_class[int(c)] = average_precision(tp / gt[c], tp / np.maximum(tp + fp, 1e-12)) if len(w) else 0.0
     return (float(np.mean(list(per_class.values()))) if per_class else 0.0), per_class
 
 
+def _resampled_weights(n_images: int, resamples: int, seed: int) -> list[np.ndarray]:
+    """How often each test image is drawn in each resample (with replacement): the same draws for every arm."""
+    rng = np.random.default_rng(seed)
+    return [np.bincount(rng.integers(0, n_images, n_images), minlength=n_images).astype(np.float64) for _ in range(resamples)]
+
+
+def _bootstrap_scores(runs: list[MatchedDetections], resampled: list[np.ndarray]) -> tuple[float, np.ndarray]:
+    """Mean-over-runs mAP50 on the full test split and on each resample."""
+    def mean_map50(weights: np.ndarray) -> float:
+        return float(np.mean([weighted_map50(m, weights)[0] for m in runs]))
+
+    return mean_map50(np.ones(len(runs[0].gt_counts))), np.array([mean_map50(weights) for weights in resampled])
+
+
+def _paired_difference(arm: tuple[float, np.ndarray], other: tuple[float, np.ndarray]) -> dict[str, Any]:
+    low, high = np.percentile(arm[1] - other[1], [2.5, 97.5])
+    return {"difference": round(arm[0] - other[0], 5), "ci95": [round(float(low), 5), round(float(high), 5)], "resamples": len(arm[1])}
+
+
 def paired_bootstrap(arm: list[MatchedDetections], real: list[MatchedDetections], resamples: int, seed: int) -> dict[str, Any]:
     """Mean-over-runs mAP50 of `arm` minus that of `real` on the full test split, and its 95 % paired bootstrap
     interval: every resample of the test images (with replacement) scores all runs of both arms."""
     n_images = len(real[0].gt_counts)
-    rng = np.random.default_rng(seed)
-
-    def difference(weights: np.ndarray) -> float:
-        return float(np.mean([weighted_map50(m, weights)[0] for m in arm]) - np.mean([weighted_map50(m, weights)[0] for m in real]))
-
-    draws = [difference(np.bincount(rng.integers(0, n_images, n_images), minlength=n_images).astype(np.float64)) for _ in range(resamples)]
-    low, high = np.percentile(draws, [2.5, 97.5])
-    return {"difference": round(difference(np.ones(n_images)), 5), "ci95": [round(float(low), 5), round(float(high), 5)],
-            "resamples": resamples, "test_images": n_images}
+    resampled = _resampled_weights(n_images, resamples, seed)
+    return {**_paired_difference(_bootstrap_scores(arm, resampled), _bootstrap_scores(real, resampled)), "test_images": n_images}
 
 
 def arms_not_run(config: UtilityConfig, held_out_images: int) -> dict[str, str]:
@@ -330,15 +343,23 @@ def compare_arms(arm_runs: dict[str, list[dict[str, Any]]], root: Path, test_yam
     """Paired bootstrap over the test images: every arm against `real`, and each synthetic arm against the
     control arms of its ratio (`<arm> vs <other>`: mean-over-runs mAP50 difference and its 95 % interval)."""
     matched: dict[str, list[MatchedDetections]] = {}
+    truths: dict[tuple[str, ...], list[list[dict[str, Any]]]] = {}  # every run predicts the same test split
     for arm, runs in arm_runs.items():
         matched[arm] = []
         for run in runs:
             saved = read_json(root / run["predictions"])
-            truth = test_ground_truth(test_yaml, saved["images"], classes)
-            matched[arm].append(match_detections(saved["detections"], truth, len(classes)))
+            images = tuple(saved["images"])
+            if images not in truths:
+                truths[images] = test_ground_truth(test_yaml, saved["images"], classes)
+            matched[arm].append(match_detections(saved["detections"], truths[images], len(classes)))
     pairs = [(arm, "real") for arm in arm_runs if arm != "real"]
     for arm in arm_runs:
         if arm.startswith("real+synthetic-"):
             ratio = arm.removeprefix("real+synthetic-")
             pairs += [(arm, other) for other in (f"{control}-{ratio}" for control in ARM_FOLDERS) if other in arm_runs]
-    return {f"{arm} vs {other}": paired_bootstrap(matched[arm], matched[other], resamples, seed) for arm, other in pairs}
+    if not pairs:
+        return {}
+    n_images = len(matched[pairs[0][1]][0].gt_counts)
+    resampled = _resampled_weights(n_images, resamples, seed)  # drawn once: each arm is scored once on them
+    scores = {arm: _bootstrap_scores(matched[arm], resampled) for arm in {name for pair in pairs for name in pair}}
+    return {f"{arm} vs {other}": {**_paired_difference(scores[arm], scores[other]), "test_images": n_images} for arm, other in pairs}
