@@ -22,6 +22,10 @@ from neu_det_pipeline.classifier.backbone_sizes import DINOV3_SIZES
 from neu_det_pipeline.config import PipelineConfig
 from neu_det_pipeline.config.generation import INPAINT_MODES
 from neu_det_pipeline.models import local_folder
+from neu_det_pipeline.runner import inapplicable_steps
+
+DIFFUSION_STEPS = ("step1_textual_inversion", "step3_lora", "step4_generate")
+"""The steps that load the diffusion base model."""
 
 ANNOTATOR_FILES = {
     "hed": "ControlNetHED.pth",
@@ -186,9 +190,10 @@ def model_needs(config: PipelineConfig) -> list[ModelNeed]:
             entry.steps.append(step)
 
     models, family = config.models, config.models.pipeline
-    # SD3 (experimental) serves Step 4 only: Steps 1 and 3 refuse it.
-    for step in ("step4_generate",) if family == "sd3" else ("step1_textual_inversion", "step3_lora", "step4_generate"):
-        need(f"models.{family}", getattr(models, family), step, "model_index.json")
+    skipped = inapplicable_steps(config)  # SD3 (experimental) serves Step 4 only
+    for step in DIFFUSION_STEPS:
+        if step not in skipped:
+            need(f"models.{family}", getattr(models, family), step, "model_index.json")
     captions = config.captions
     if "clip" in captions.ranking_backends:
         need("models.clip", models.clip, "step2_captions", "config.json")
@@ -305,9 +310,6 @@ def _classifier_parameters_m(config: PipelineConfig) -> float:
     with torch.device("meta"):
         model = timm.create_model(backbone.removeprefix("timm:"), pretrained=False, **config.classifier.backbone_kwargs)
     return sum(parameter.numel() for parameter in model.parameters()) / 1e6
-
-
-DIFFUSION_STEPS = ("step1_textual_inversion", "step3_lora", "step4_generate")
 
 
 def memory_estimates(config: PipelineConfig) -> dict[str, float]:
