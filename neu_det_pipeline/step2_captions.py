@@ -132,9 +132,8 @@ STEP = Step(
     title="CLIP keyword ranking, BLIP-2 captions, prompts",
     run=run,
     # run.seed is not a key: ranking and greedy BLIP-2 decoding involve no randomness.
-    # The cache folder changes where descriptions are kept, not what they are.
     config_keys=(
-        *(f"captions.{name}" for name in CaptionsConfig.model_fields if name != "description_cache_dir"),
+        *(f"captions.{name}" for name in CaptionsConfig.outcome_keys()),
         "models.clip",
         "models.open_clip",
         "models.blip2",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import BaseModel, ConfigDict
 
 NEU_DET_CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
@@ -33,3 +35,11 @@ class Section(BaseModel):
     """Base of every config section: unknown keys are rejected, field docstrings become descriptions."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+    RESUME_ONLY: ClassVar[frozenset[str]] = frozenset()
+    """Fields that change how a step runs or where it keeps things, not what it makes."""
+
+    @classmethod
+    def outcome_keys(cls) -> list[str]:
+        """Fields that change what the step makes: a change re-does the step."""
+        return [name for name in cls.model_fields if name not in cls.RESUME_ONLY]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
@@ -55,6 +55,9 @@ class EndpointConfig(Section):
 
 
 class CaptionsConfig(Section):
+    RESUME_ONLY: ClassVar[frozenset[str]] = frozenset({"description_cache_dir"})
+    """The cache folder changes where descriptions are kept, not what they are."""
+
     prompt_style: Literal["plain", "keywords", "blip2", "llava"] = "plain"
     """Final prompt: `plain` template+token, `keywords` adds top-k CLIP keywords, `blip2` adds a BLIP-2 caption,
     `llava` adds a structured description (texture, shape, visual characteristics) fitted to CLIP's 77 tokens."""

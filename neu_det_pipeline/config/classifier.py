@@ -217,8 +217,3 @@ class ClassifierConfig(Section):
             if self.lr_schedule != "warmup_cosine":
                 raise ValueError(f"classifier.stages brings its own warm-up + cosine per stage; set classifier.lr_schedule=warmup_cosine (not {self.lr_schedule})")
         return self
-
-    @classmethod
-    def outcome_keys(cls) -> list[str]:
-        """Fields that change what is trained: a change re-does the step."""
-        return [name for name in cls.model_fields if name not in cls.RESUME_ONLY]

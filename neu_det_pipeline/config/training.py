@@ -62,11 +62,6 @@ class TrainingSection(Section):
     `foreground_weight / area^p` (area: the box's fraction of the image), so small defects count more; 0 is off,
     GeoDiffusion used 0.2."""
 
-    @classmethod
-    def outcome_keys(cls) -> list[str]:
-        """Fields that change what is trained: a change re-does the step."""
-        return [name for name in cls.model_fields if name not in cls.RESUME_ONLY]
-
 
 class TextualInversionConfig(TrainingSection):
     placeholder_format: str = "<neu-{cls}>"
