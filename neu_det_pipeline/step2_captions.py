@@ -81,6 +81,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
     batches = [images[i : i + size] for i in range(0, len(images), size)]
     pending = [batch for batch in batches if any(image.id not in rows for image in batch)]
     from_cache = len(images) - sum(len(batch) for batch in pending)
+    failed: list[str] = []  # ids without a description, in id order (the partial results hold none of them)
     for batch in ctx.track(pending, len(pending), "ranking, captioning"):
         batch_rows = annotator.annotate(batch)
         for image in batch:
@@ -88,12 +89,11 @@ def run(ctx: StepContext) -> dict[str, Any]:
         for row in batch_rows:
             if row.get("description_error"):
                 console.print(f"[yellow]step2_captions: {row['id']}: no description: {row['description_error']}[/yellow]")
+                failed.append(row["id"])
         # Rows without their description stay out of the partial results, so a resumed run asks for them again.
         cache.append(row for row in batch_rows if not row.get("description_error"))
         rows.update((row["id"], row) for row in batch_rows)
-        failed = [image_id for image_id, row in rows.items() if row.get("description_error")]
         check_failures(len(failed), len(images), cfg.captions.endpoint.max_failure_fraction)  # as soon as it is decided
-    failed = [image.id for image in images if rows[image.id].get("description_error")]
 
     # 3. Final files, then the partial results are no longer needed.
     ordered = [rows[image.id] for image in images]
