@@ -34,6 +34,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from neu_det_pipeline.classifier.backbones import component_parameters
 from neu_det_pipeline.classifier.checkpoints import BEST_FILE, load_classifier
 from neu_det_pipeline.classifier.data import load_data
 from neu_det_pipeline.classifier.data_tools import require_valid
@@ -87,7 +88,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
     console.print(f"masks: {MASK_SOURCE_TEXT[section.mask_source]}" + (f", {pseudo_masks} in {ctx.out_dir / PSEUDO_MASK_DIR}" if pseudo_masks else ""), highlight=False)
 
     training = ClassifierTraining(cfg, data, ctx.out_dir)
-    parameters = training.component_parameters()
+    parameters = component_parameters(training.model)
     console.print(
         f"parameters: backbone {parameters['backbone']:,}, decoder {parameters['decoder']:,}, "
         f"enhancer + head {parameters['enhancer_head']:,}, total {parameters['total']:,}", highlight=False,
@@ -114,7 +115,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
         "images": data.counts(distinct_images=True),
         **({"objects": data.counts()} if section.input == "box_crops" else {}),
         "classes": data.classes,
-        "parameters": training.parameter_count(),
+        "parameters": parameters["total"],
         "parameters_by_component": parameters,
         "mask_source": section.mask_source,
         "pseudo_masks": pseudo_masks,

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from neu_det_pipeline.classifier.backbones import component_parameters, create_backbone
+from neu_det_pipeline.classifier.backbones import create_backbone
 from neu_det_pipeline.classifier.checkpoints import BEST_FILE, LAST_FILE, read_checkpoint, save_checkpoint
 from neu_det_pipeline.classifier.data import ClassifierData, ClassifierDataset, EpochSampler, steps_per_epoch
 from neu_det_pipeline.classifier.evaluation import metrics, predict_dataset
@@ -136,10 +136,6 @@ class ClassifierTraining:
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
-
-    def component_parameters(self) -> dict[str, int]:
-        """Parameters of the backbone, the decoder, the enhancer + head, and in total."""
-        return component_parameters(self.model)
 
     def trained_state(self) -> dict[str, torch.Tensor]:
         """Every learned parameter (model and loss weighting): what data-parallel ranks must agree on."""
