@@ -377,9 +377,10 @@ class JointAugmentation:
     def __call__(self, pixels: torch.Tensor, mask: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 image [3, S, S] and mask [1, S, S] in, the same shapes out."""
         image = np.ascontiguousarray(pixels.permute(1, 2, 0).numpy())
-        grey = tuple(float(v) for v in image.reshape(-1, 3).mean(0).round())
-        for transform in self.grey_filled:
-            transform.fill = grey
+        if self.grey_filled:  # only then: the mean grey is a pass over every pixel of every sample
+            grey = tuple(float(v) for v in image.reshape(-1, 3).mean(0).round())
+            for transform in self.grey_filled:
+                transform.fill = grey
         # Shared generators, not Compose(seed=...) / set_random_seed: albumentations 2.0.8 gives every transform its own
         # generator seeded with the same value, so e.g. HorizontalFlip and VerticalFlip always fire together.
         self.compose.set_random_state(np.random.default_rng(seed), random.Random(seed))
