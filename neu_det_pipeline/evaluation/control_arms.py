@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from neu_det_pipeline.data.export import box_pixel_bounds
 from neu_det_pipeline.data.neu_det import Box
 from neu_det_pipeline.generation.outputs import (
     ManifestPart,
@@ -152,13 +153,14 @@ def copy_paste_image(target: RealImage, donors: list[RealImage], seed: int, max_
     candidates = [(donor, box) for donor in donors if donor.id != target.id and donor.image_class == target.image_class for box in donor.boxes]
     rng.shuffle(candidates)
     pasted: list[dict[str, Any]] = []
+    occupied = summed_area_table(_occupancy(boxes, height, width))  # changes only when a box is added
     for scale in PASTE_SCALES:
         for donor, box in candidates[:CANDIDATES_PER_SCALE]:
-            x0, y0, x1, y1 = round(box.xmin), round(box.ymin), round(box.xmax), round(box.ymax)
+            x0, y0, x1, y1 = box_pixel_bounds(box)
             w, h = round((x1 - x0) * scale), round((y1 - y0) * scale)
             if min(w, h) <= 2 * FEATHER_PX:
                 continue
-            free = free_positions(summed_area_table(_occupancy(boxes, height, width)), w, h)
+            free = free_positions(occupied, w, h)
             if not len(free):
                 continue
             x, y = (int(v) for v in free[rng.randrange(len(free))])
@@ -167,6 +169,7 @@ def copy_paste_image(target: RealImage, donors: list[RealImage], seed: int, max_
                 patch = np.asarray(Image.fromarray(patch).resize((w, h), Image.Resampling.BILINEAR))
             pixels = paste(pixels, patch, x, y)
             boxes.append(Box(box.label, float(x), float(y), float(x + w), float(y + h)))
+            occupied = summed_area_table(_occupancy(boxes, height, width))
             pasted.append({"donor": donor.id, "donor_box": [x0, y0, x1, y1], "at": [x, y], "scale": scale})
             if len(pasted) == max_pastes:
                 return pixels, boxes, pasted
