@@ -55,8 +55,9 @@ def per_class_means(values: list[float | None], labels: list[str], classes: list
     return out
 
 
+@functools.cache
 def library_versions() -> dict[str, str | None]:
-    """Versions of the libraries the numbers depend on (None: not installed)."""
+    """Versions of the libraries the numbers depend on (None: not installed); looked up once per process."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
@@ -276,7 +277,7 @@ class MetricSuite:
             "lpips": lpips_metrics,
             "in_box": self._in_box(boxes, features, space, classes) if boxes else None,
             "lbp": lbp,
-            "provenance": {"versions": library_versions(), "feature_spaces": self.feature_spaces, "lpips": self.lpips_description(),
+            "provenance": {"versions": dict(library_versions()), "feature_spaces": self.feature_spaces, "lpips": self.lpips_description(),
                            "image_side": EVALUATION_SIDE},
             "feature_cache": {"dir": str(self.cache.root), **self.cache_counts, "lpips_diversity": self.diversity_counts},
             "not_computed": self.not_computed,
