@@ -187,6 +187,12 @@ def write_rank_part(out_dir: Path, figures: dict[str, Any]) -> None:
     write_json(out_dir / PARTS_DIR / f"rank-{figures['rank']}.json", figures)
 
 
+def _largest(rows: list[dict[str, Any]], key: str) -> float | None:
+    """The largest `key` of the rows that have one (None: none has)."""
+    values = [row[key] for row in rows if row.get(key) is not None]
+    return max(values) if values else None
+
+
 def collect(out_dir: Path, main: dict[str, Any], processes: int, parts_s: dict[str, float], wait_s: float = RANK_WAIT_S) -> dict[str, Any]:
     """The step's `cost` from the main process's figures and the other ranks' parts (waiting up to `wait_s` for them)."""
     folder = out_dir / PARTS_DIR
@@ -198,20 +204,15 @@ def collect(out_dir: Path, main: dict[str, Any], processes: int, parts_s: dict[s
     per_process = [main] + [read_json(path) for path in wanted if path.is_file()]
     clear_rank_parts(out_dir)
     on_gpu = sum(1 for figures in per_process if figures["accelerator"])
-
-    def largest(key: str) -> float | None:
-        values = [figures[key] for figures in per_process if figures[key] is not None]
-        return max(values) if values else None
-
     cost = {
         "wall_time_s": main["wall_time_s"],
         "processes": processes,
         "accelerator": main["accelerator"],
         "gpu_hours": round(main["wall_time_s"] * on_gpu / 3600, 5),
-        "peak_gpu_allocated_mb": largest("peak_gpu_allocated_mb"),
-        "peak_gpu_reserved_mb": largest("peak_gpu_reserved_mb"),
-        "peak_rss_mb": largest("peak_rss_mb"),
-        "peak_rss_with_children_mb": largest("peak_rss_with_children_mb"),
+        "peak_gpu_allocated_mb": _largest(per_process, "peak_gpu_allocated_mb"),
+        "peak_gpu_reserved_mb": _largest(per_process, "peak_gpu_reserved_mb"),
+        "peak_rss_mb": _largest(per_process, "peak_rss_mb"),
+        "peak_rss_with_children_mb": _largest(per_process, "peak_rss_with_children_mb"),
         "rss_scope": main["rss_scope"],
         "per_process": per_process,
     }
@@ -264,17 +265,13 @@ def step_costs(run_dir: Path) -> list[dict[str, Any]]:
 def run_cost(steps: list[dict[str, Any]]) -> dict[str, Any]:
     """An experiment's cost from its steps' (`step_costs`): wall time and GPU-hours summed (reused steps included: what
     the experiment costs on its own), peak memory the largest of any step, Step 4's speed."""
-    def largest(key: str) -> float | None:
-        values = [step[key] for step in steps if step.get(key) is not None]
-        return max(values) if values else None
-
     generation = next((step for step in steps if step["step"] == "step4_generate"), {})
     return {
         "steps": len(steps),
         "wall_time_s": round(sum(step["wall_time_s"] for step in steps), 3),
         "gpu_hours": round(sum(step["gpu_hours"] for step in steps), 5),
-        "peak_gpu_reserved_mb": largest("peak_gpu_reserved_mb"),
-        "peak_rss_with_children_mb": largest("peak_rss_with_children_mb"),
+        "peak_gpu_reserved_mb": _largest(steps, "peak_gpu_reserved_mb"),
+        "peak_rss_with_children_mb": _largest(steps, "peak_rss_with_children_mb"),
         "seconds_per_image": generation.get("seconds_per_image"),
         "images_per_s": generation.get("images_per_s"),
     }
