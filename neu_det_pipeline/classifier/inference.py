@@ -148,9 +148,7 @@ def predict(model_file: Path, target: Path, out_dir: Path, batch_size: int = 16,
                 console.print(f"[yellow]skipped:[/] {exc}", highlight=False, soft_wrap=True)
         if not batch:
             continue
-        size = (predictor.image_size, predictor.image_size)
-        pixels = np.stack([np.asarray(image.resize(size, Image.Resampling.BICUBIC), dtype=np.float32) / 255 for _, image in batch])
-        outputs = predictor(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
+        outputs = predictor(_network_input([image for _, image in batch], predictor.image_size))
         for i, (path, image) in enumerate(batch):
             name = path.relative_to(root).as_posix()
             probabilities = outputs.probabilities[i]
@@ -161,13 +159,25 @@ def predict(model_file: Path, target: Path, out_dir: Path, batch_size: int = 16,
                 None if outputs.masks is None else outputs.masks[i], None if outputs.attention is None else outputs.attention[i],
             )
             save_image(overlay, out_dir / "overlays" / f"{name.replace('/', '__').rsplit('.', 1)[0]}.png")
+    return _write_predictions(rows, ["file", "class", *predictor.classes], out_dir, "image(s)", unreadable, [])
+
+
+def _network_input(images: list[Image.Image], size: int) -> np.ndarray:
+    """RGB images resized (bicubic) to `size` px, as one contiguous float32 NCHW batch in [0, 1]."""
+    pixels = np.stack([np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32) / 255 for image in images])
+    return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
+
+
+def _write_predictions(rows: list[dict[str, str]], fieldnames: list[str], out_dir: Path, unit: str, unreadable: list[str],
+                       without_boxes: list[str]) -> dict[str, Any]:
+    """`predictions.csv` and `results_summary.txt` from the rows; what `predict` returns."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["file", "class", *predictor.classes])
+    writer = csv.DictWriter(buffer, fieldnames=fieldnames)
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out_dir / "predictions.csv", buffer.getvalue())
     write_results_summary(rows, out_dir / RESULTS_SUMMARY)
-    return {"predicted": len(rows), "unit": "image(s)", "unreadable": unreadable, "without_boxes": [], "csv": str(out_dir / "predictions.csv")}
+    return {"predicted": len(rows), "unit": unit, "unreadable": unreadable, "without_boxes": without_boxes, "csv": str(out_dir / "predictions.csv")}
 
 
 PixelBox = tuple[float, float, float, float]
@@ -215,7 +225,7 @@ def predict_boxes(predictor, root: Path, files: list[Path], boxes_dir: Path, out
     overlay per image with its boxes labelled; images without a label file are counted, not classified."""
     if not boxes_dir.is_dir():
         raise PipelineError(f"--boxes {boxes_dir} is not a folder; pass the folder of VOC XML or YOLO label files")
-    size, margins = (predictor.image_size, predictor.image_size), evaluation_margins(predictor.crop_margin)
+    margins = evaluation_margins(predictor.crop_margin)
     rows, unreadable, without_boxes = [], [], []
     for path in files:
         relative = path.relative_to(root)
@@ -234,9 +244,8 @@ def predict_boxes(predictor, root: Path, files: list[Path], boxes_dir: Path, out
         found = read_boxes(labels, width, height)
         for start in range(0, len(found), batch_size):
             chunk = found[start : start + batch_size]
-            crops = [crop_box(image, (x0 / width, y0 / height, x1 / width, y1 / height), margins).resize(size, Image.Resampling.BICUBIC) for x0, y0, x1, y1 in chunk]
-            pixels = np.stack([np.asarray(crop, dtype=np.float32) / 255 for crop in crops]).transpose(0, 3, 1, 2)
-            probabilities = predictor(np.ascontiguousarray(pixels)).probabilities
+            crops = [crop_box(image, (x0 / width, y0 / height, x1 / width, y1 / height), margins) for x0, y0, x1, y1 in chunk]
+            probabilities = predictor(_network_input(crops, predictor.image_size)).probabilities
             for box, p in zip(chunk, probabilities):
                 image_rows.append({
                     "file": relative.as_posix(), **{k: f"{v:.1f}" for k, v in zip(BOX_COLUMNS[1:5], box)},
@@ -246,13 +255,7 @@ def predict_boxes(predictor, root: Path, files: list[Path], boxes_dir: Path, out
         rows += image_rows
         overlay = render_box_overlay(image, [(tuple(float(r[k]) for k in BOX_COLUMNS[1:5]), r["class"], float(r["probability"])) for r in image_rows])
         save_image(overlay, out_dir / "overlays" / f"{relative.as_posix().replace('/', '__').rsplit('.', 1)[0]}.png")
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=[*BOX_COLUMNS, *predictor.classes])
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out_dir / "predictions.csv", buffer.getvalue())
-    write_results_summary(rows, out_dir / RESULTS_SUMMARY)
-    return {"predicted": len(rows), "unit": "box(es)", "unreadable": unreadable, "without_boxes": without_boxes, "csv": str(out_dir / "predictions.csv")}
+    return _write_predictions(rows, [*BOX_COLUMNS, *predictor.classes], out_dir, "box(es)", unreadable, without_boxes)
 
 
 def render_box_overlay(image: Image.Image, boxes: list[tuple[PixelBox, str, float]]) -> Image.Image:
