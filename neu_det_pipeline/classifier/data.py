@@ -229,11 +229,17 @@ def _label_lines(path: Path) -> list[tuple[str, str]]:
     return rows
 
 
+def image_files(folder: Path, named: str, fix: str) -> list[Path]:
+    """The image files directly in `folder`, sorted; none (or no folder) raises one line: `named` holds no images; `fix`."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    if not files:
+        raise DataError(f"{named} holds no images ({', '.join(IMAGE_SUFFIXES)}); {fix}")
+    return files
+
+
 def add_normal_images(data: ClassifierData, folder: Path, config: PipelineConfig) -> None:
     """Binary normal/defect: every defect class becomes `defect`; `folder`'s images are split like `data.split`."""
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
-    if not files:
-        raise DataError(f"classifier.normal_dir={folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); set it to a folder of defect-free images")
+    files = image_files(folder, f"classifier.normal_dir={folder}", "set it to a folder of defect-free images")
     fractions = (config.data.split.train, config.data.split.val, config.data.split.test)
     by_name = {p.name: p for p in files}
     normal_splits = stratified_split({name: NORMAL for name in by_name}, fractions, config.run.seed)

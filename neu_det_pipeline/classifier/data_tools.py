@@ -33,14 +33,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
 
-from neu_det_pipeline.classifier.data import OWN_DATA_LABEL_FILES
-from neu_det_pipeline.data.neu_det import IMAGE_SUFFIXES
+from neu_det_pipeline.classifier.data import NORMAL, OWN_DATA_LABEL_FILES, image_files
 from neu_det_pipeline.data.split import stratified_split
 from neu_det_pipeline.errors import DataError
 from neu_det_pipeline.recipe import console
 
-DEFECT, NORMAL = "1", "0"
-NORMAL_LABELS = frozenset({"normal", NORMAL})
+DEFECT_LABEL, NORMAL_LABEL = "1", "0"
+"""The own-data label file's labels (the seed guide's)."""
+NORMAL_LABELS = frozenset({NORMAL, NORMAL_LABEL})
 """Class names of defect-free images: the binary normal/defect task's, and own data's `0` (the seed guide's)."""
 ASPECT_TOLERANCE = 0.02
 """Relative difference of width/height ratios up to which a mask of another size is taken as a scaled copy."""
@@ -51,10 +51,7 @@ DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Impor
 
 
 def _images_in(folder: Path, option: str) -> list[Path]:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
-    if not files:
-        raise DataError(f"{option} {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); pass a folder of images")
-    return files
+    return image_files(folder, f"{option} {folder}", "pass a folder of images")
 
 
 def _binary_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -125,12 +122,12 @@ def organize(
             f"{Path(missing[0]).stem}.* and {Path(missing[0]).stem}_mask.*); add them, or leave out --defect-masks for weak supervision"
         )
     files: dict[str, tuple[bytes, bytes | None, str]] = {}
-    for path, label in [(p, DEFECT) for p in defects] + [(p, NORMAL) for p in normals]:
+    for path, label in [(p, DEFECT_LABEL) for p in defects] + [(p, NORMAL_LABEL) for p in normals]:
         try:
             with Image.open(path) as image:
                 size = image.size
             mask = None
-            if label == DEFECT and defect_masks is not None:
+            if label == DEFECT_LABEL and defect_masks is not None:
                 with Image.open(_find_mask(masks, path.stem)) as mask_image:
                     mask = _png(_binary_mask(mask_image, size))
         except DECODE_ERRORS as exc:
@@ -167,7 +164,7 @@ def dummy(out: Path, num_defect: int, num_normal: int, size: int = 128, val_frac
                     draw.ellipse(shape, fill=rng.randint(30, 70))
                     mask_draw.ellipse(shape, fill=255)
         name = f"{'defect' if defect else 'normal'}_{index:04d}.png"
-        files[name] = (_png(texture), _png(mask) if defect else None, DEFECT if defect else NORMAL)
+        files[name] = (_png(texture), _png(mask) if defect else None, DEFECT_LABEL if defect else NORMAL_LABEL)
     return _write_layout(out, files, val_fraction, 0.0, seed)
 
 
