@@ -45,9 +45,8 @@ def select_candidate(select_by: str, scores: Sequence[dict[str, float]]) -> int:
     clip = np.array([score["clip"] for score in scores])
     if select_by == "clip":
         return int(np.argmax(clip))
-    consistent = clip >= np.median(clip)
     lpips = np.array([score["lpips_in_box"] for score in scores])
-    return int(np.argmax(np.where(consistent, lpips, -np.inf)))
+    return int(np.argmax(np.where(class_consistent(scores), lpips, -np.inf)))
 
 
 def class_consistent(scores: Sequence[dict[str, float]]) -> list[bool]:
