@@ -261,10 +261,8 @@ def train(
             torch.manual_seed(hash((seed, step, micro, accelerator.process_index)) % 2**63)
             last_micro = micro == settings.gradient_accumulation_steps - 1
             with accelerator.no_sync(model) if not last_micro else contextlib.nullcontext():
-                box_areas = batch.get("box_areas")
-                if box_areas is not None:
-                    box_areas = box_areas.to(accelerator.device)
-                loss = model(batch["pixel_values"].to(accelerator.device), batch["prompts"], box_areas)
+                # The loss moves the box areas to the latents' device itself.
+                loss = model(batch["pixel_values"].to(accelerator.device), batch["prompts"], batch.get("box_areas"))
                 accelerator.backward(loss / settings.gradient_accumulation_steps)
             step_loss += loss.detach() / settings.gradient_accumulation_steps
         accelerator.clip_grad_norm_(task.parameters, settings.max_grad_norm)
