@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 
@@ -42,13 +42,14 @@ class CurationConfig(Section):
     """Fraction of each class kept under `keep: top_p`."""
 
 
-UTILITY_ARMS = ("real", "real+synthetic", "oracle", "real+classical", "real+copy_paste")
+UtilityArm = Literal["real", "real+synthetic", "oracle", "real+classical", "real+copy_paste"]
+UTILITY_ARMS: tuple[str, ...] = get_args(UtilityArm)
 
 
 class UtilityConfig(Section):
     enabled: bool = True
     """Train YOLO on real and on real + curated synthetic data (the headline result); false: image metrics only."""
-    arms: list[Literal["real", "real+synthetic", "oracle", "real+classical", "real+copy_paste"]] = Field(default_factory=lambda: list(UTILITY_ARMS))
+    arms: list[UtilityArm] = Field(default_factory=lambda: list(UTILITY_ARMS))
     """Training sets, each tested on the real test split: `real` (the baseline, always trained), `real+synthetic`
     (curated Step 4 images at each ratio), `oracle` (kept + held-back real images, with `data.train_fraction` < 1),
     `real+classical` (albumentations transforms of real training images) and `real+copy_paste` (real defect boxes
