@@ -120,7 +120,8 @@ class _TreeSampler(threading.Thread):
 
 
 class CostMeter:
-    """Measures one process's share of a step between `start()` and `stop()`."""
+    """Measures one process's share of a step between `start()` and `stop()`; as a context manager, over its block
+    (`figures` after it, whatever happened inside)."""
 
     def __init__(self) -> None:
         self.started = 0.0
@@ -128,6 +129,13 @@ class CostMeter:
         self.sampler: _TreeSampler | None = None
         self.parts: dict[str, float] = {}
         self._part: tuple[str, float] | None = None
+        self.figures: dict[str, Any] = {}
+
+    def __enter__(self) -> CostMeter:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.figures = self.stop()  # ends the memory sampler whatever happens
 
     def start(self) -> CostMeter:
         if cuda := _cuda():

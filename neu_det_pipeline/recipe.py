@@ -284,12 +284,9 @@ def _run_locked(step: Step, config: PipelineConfig, progress: Progress | None, o
     if not is_main_process():
         # Rank 0 prepares the folder before the process group forms; the others only compute.
         quiet = new_progress(disable=True)
-        meter = CostMeter().start()
-        try:
+        with CostMeter() as meter:
             result = step.run(StepContext(step=step, config=config, out_dir=out_dir, fingerprint=fingerprint, progress=quiet, meter=meter))
-        finally:
-            figures = meter.stop()  # ends the memory sampler whatever happens
-        write_rank_part(out_dir, figures)
+        write_rank_part(out_dir, meter.figures)
         return result
 
     resumed = _prepare_out_dir(out_dir, fingerprint)
@@ -301,16 +298,12 @@ def _run_locked(step: Step, config: PipelineConfig, progress: Progress | None, o
     write_json(out_dir / STATE_FILE, {"fingerprint": fingerprint, "config_hash": full_hash})
 
     console.rule(f"[bold]{step.name}[/]: {step.title}" + (" (continuing an interrupted run)" if resumed else ""))
-    meter = CostMeter().start()
-    try:
-        with contextlib.ExitStack() as stack:
-            if progress is None:
-                progress = stack.enter_context(new_progress())
-            ctx = StepContext(step=step, config=config, out_dir=out_dir, fingerprint=fingerprint, progress=progress, meter=meter)
-            result = step.run(ctx)
-    finally:
-        figures = meter.stop()  # ends the memory sampler whatever happens
-    cost = collect(out_dir, figures, world_size(), meter.parts)
+    with CostMeter() as meter, contextlib.ExitStack() as stack:
+        if progress is None:
+            progress = stack.enter_context(new_progress())
+        ctx = StepContext(step=step, config=config, out_dir=out_dir, fingerprint=fingerprint, progress=progress, meter=meter)
+        result = step.run(ctx)
+    cost = collect(out_dir, meter.figures, world_size(), meter.parts)
     summary = {
         "step": step.name,
         "status": "complete",
