@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 
 from neu_det_pipeline.captions.blip2 import Blip2Captioner
@@ -92,11 +93,9 @@ class CaptionAnnotator:
             models["blip2"] = config.models.blip2
         describer = None
         if captions.prompt_style == "llava":
-            describer = CachedDescriber(
-                _load_describer(config), captions.description_cache_dir or Path(config.run.output_dir) / CACHE_DIR_NAME
-            )
-            kind = describer.describer.name
-            models[kind] = config.models.llava if kind == "llava" else f"{captions.endpoint.model} at {captions.endpoint.base_url}"
+            loaded, model = _load_describer(config, device, dtype)
+            describer = CachedDescriber(loaded, captions.description_cache_dir or Path(config.run.output_dir) / CACHE_DIR_NAME)
+            models[loaded.name] = model
         return cls(captions, tokens, ranker, captioner, models, describer)
 
     def annotate(self, batch: Sequence[TrainImage]) -> list[dict[str, Any]]:
@@ -173,20 +172,22 @@ class CaptionAnnotator:
         }
 
 
-def _load_describer(config: PipelineConfig) -> Describer:
-    """LLaVA (`models.llava`) on `run.device`, or the OpenAI-compatible endpoint (nothing is sent for any other captioner)."""
+def _load_describer(config: PipelineConfig, device: torch.device, dtype: torch.dtype) -> tuple[Describer, str]:
+    """LLaVA (`models.llava`) on `device`, or the OpenAI-compatible endpoint (nothing is sent for any other
+    captioner); and the model as the summary names it."""
     captions = config.captions
     if captions.resolved_captioner() == "openai_compatible":
         from neu_det_pipeline.captions.endpoint import EndpointDescriber
 
-        return EndpointDescriber(captions.endpoint, captions.description_instruction, captions.description_max_new_tokens)
+        endpoint = captions.endpoint
+        describer = EndpointDescriber(endpoint, captions.description_instruction, captions.description_max_new_tokens)
+        return describer, f"{endpoint.model} at {endpoint.base_url}"
     from neu_det_pipeline.captions.llava import LlavaDescriber
 
-    device = resolve_device(config.run.device)
-    return LlavaDescriber.from_pretrained(
-        config.models.llava, device, inference_dtype(device, config.run.mixed_precision),
-        captions.description_instruction, captions.description_max_new_tokens,
-    )  # fmt: skip
+    describer = LlavaDescriber.from_pretrained(
+        config.models.llava, device, dtype, captions.description_instruction, captions.description_max_new_tokens
+    )
+    return describer, config.models.llava
 
 
 def _load_rgb(item: TrainImage) -> Image.Image:
