@@ -197,6 +197,19 @@ def place_on_device(pipe: Any, section: GenerationConfig, device: torch.device, 
             setattr(pipe, name, torch.compile(getattr(pipe, name), mode="max-autotune-no-cudagraphs", fullgraph=False))
 
 
+def per_controlnet_arguments(section: GenerationConfig, maps: dict[str, list[Image.Image]], image_key: str) -> dict[str, Any]:
+    """Pipeline keyword arguments for one ControlNet per control: each control's maps as one (batch, 3, H, W) tensor
+    in [0, 1] under `image_key`, with its scale and window; plain values for one control, lists for several."""
+    controls = section.controls
+    values = {
+        image_key: [_as_batch(maps[c]) for c in controls],
+        "controlnet_conditioning_scale": [section.conditioning_scales[c] for c in controls],
+        "control_guidance_start": [section.control_guidance_start[c] for c in controls],
+        "control_guidance_end": [section.control_guidance_end[c] for c in controls],
+    }
+    return {key: value[0] for key, value in values.items()} if len(controls) == 1 else values
+
+
 def control_guidance_windows(section: GenerationConfig) -> dict[str, list[float]]:
     """Control -> [start, end] fraction of the denoising steps it acts on."""
     return {c: [section.control_guidance_start[c], section.control_guidance_end[c]] for c in section.controls}
@@ -292,26 +305,15 @@ class ControlNetGenerator:
         processor makes of PIL images: the img2img multi-ControlNet pipelines accept no list of maps per image.
         """
         section, controls = self.section, self.section.controls
-        batches = [_as_batch(maps[c]) for c in controls]
-        scales = [section.conditioning_scales[c] for c in controls]
-        starts = [start for start, _ in self.control_guidance.values()]
-        ends = [end for _, end in self.control_guidance.values()]
-        image_key = "control_image" if pipeline_kind(section.mode) != "txt2img" or section.union_controlnet else "image"
-        if section.union_controlnet:
-            # One union model sees every map; its pipeline takes one start / end per control mode and multiplies each
-            # mode's conditioning scale by 0 outside that mode's window (diffusers' `controlnet_keep`).
-            return {
-                image_key: batches, "control_mode": [UNION_CONTROL_MODES[c] for c in controls],
-                "controlnet_conditioning_scale": scales, "control_guidance_start": starts, "control_guidance_end": ends,
-            }
-        if len(controls) == 1:
-            return {
-                image_key: batches[0], "controlnet_conditioning_scale": scales[0],
-                "control_guidance_start": starts[0], "control_guidance_end": ends[0],
-            }
+        if not section.union_controlnet:
+            return per_controlnet_arguments(section, maps, "image" if pipeline_kind(section.mode) == "txt2img" else "control_image")
+        # One union model sees every map; its pipeline takes one start / end per control mode and multiplies each
+        # mode's conditioning scale by 0 outside that mode's window (diffusers' `controlnet_keep`).
         return {
-            image_key: batches, "controlnet_conditioning_scale": scales,
-            "control_guidance_start": starts, "control_guidance_end": ends,
+            "control_image": [_as_batch(maps[c]) for c in controls], "control_mode": [UNION_CONTROL_MODES[c] for c in controls],
+            "controlnet_conditioning_scale": [section.conditioning_scales[c] for c in controls],
+            "control_guidance_start": [section.control_guidance_start[c] for c in controls],
+            "control_guidance_end": [section.control_guidance_end[c] for c in controls],
         }
 
     @torch.no_grad()

@@ -25,7 +25,7 @@ from PIL import Image
 
 from neu_det_pipeline.config import PipelineConfig
 from neu_det_pipeline.errors import PipelineError
-from neu_det_pipeline.generation.pipeline import GenerationModels, _as_batch, control_guidance_windows, place_on_device
+from neu_det_pipeline.generation.pipeline import GenerationModels, control_guidance_windows, per_controlnet_arguments, place_on_device
 from neu_det_pipeline.models import load_model, weights_variant
 
 
@@ -109,14 +109,7 @@ class SD3ControlNetGenerator:
 
     def control_arguments(self, maps: dict[str, list[Image.Image]]) -> dict[str, Any]:
         """One (batch, 3, H, W) tensor in [0, 1] per control, with its scale and window (lists for several)."""
-        section, controls = self.section, self.section.controls
-        values = {
-            "control_image": [_as_batch(maps[c]) for c in controls],
-            "controlnet_conditioning_scale": [section.conditioning_scales[c] for c in controls],
-            "control_guidance_start": [section.control_guidance_start[c] for c in controls],
-            "control_guidance_end": [section.control_guidance_end[c] for c in controls],
-        }
-        return {key: value[0] for key, value in values.items()} if len(controls) == 1 else values
+        return per_controlnet_arguments(self.section, maps, "control_image")
 
     @torch.no_grad()
     def generate(
