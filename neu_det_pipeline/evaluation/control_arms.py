@@ -111,7 +111,7 @@ def classical_image(image: RealImage, seed: int) -> tuple[np.ndarray, list[Box],
     transform.save_applied_params = True
     out = transform(image=pixels, bboxes=[(b.xmin, b.ymin, b.xmax, b.ymax) for b in image.boxes], labels=[b.label for b in image.boxes])
     boxes = [Box(label, *map(float, coords)) for coords, label in zip(out["bboxes"], out["labels"])]
-    return out["image"], boxes, "+".join(out["applied_transforms"][i][0] for i in range(len(out["applied_transforms"]))) or "none"
+    return out["image"], boxes, "+".join(applied[0] for applied in out["applied_transforms"]) or "none"
 
 
 # ------------------------------------------------------------------------------------------ copy-paste
